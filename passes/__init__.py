@@ -1,0 +1,17 @@
+"""Rewrite passes, one per module. The registry is a plain list (ExecuTorch style)."""
+
+from __future__ import annotations
+
+from qgraph.errors import PlanError, unknown_name_message
+from qgraph.pipeline import PassSpec
+
+from passes import quantize_nf4
+
+ALL_PASSES: list[PassSpec] = [quantize_nf4.PASS]
+
+
+def get_pass(name: str) -> PassSpec:
+    for spec in ALL_PASSES:
+        if spec.name == name:
+            return spec
+    raise PlanError(unknown_name_message("pass", name, [p.name for p in ALL_PASSES]))

@@ -1,0 +1,79 @@
+"""quantize_nf4: every selected linear becomes `qgraph::nf4_linear` over bitsandbytes NF4 storage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qgraph.graph import LinearSite, block_sites, linear_sites, select_sites
+from qgraph.ops.nf4 import quantize_nf4 as quantize_weight
+from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
+from qgraph.report import REWRITTEN, SKIPPED, PassReport, SiteRecord
+from qgraph.rewrite import replace_site, site_bias, site_weight, weight_users
+
+BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class NF4Options:
+    blocksize: int = 64
+    double_quant: bool = True
+    # module-path globs; None selects every linear inside a decoder block (not embeddings or lm_head)
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.blocksize not in BNB_BLOCKSIZES:
+            raise ValueError(f"blocksize={self.blocksize} is not one bitsandbytes supports; use one of {BNB_BLOCKSIZES}")
+        object.__setattr__(self, "include", _as_tuple(self.include))
+        object.__setattr__(self, "exclude", _as_tuple(self.exclude) or ())
+
+
+def _as_tuple(patterns: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
+    return (patterns,) if isinstance(patterns, str) else (tuple(patterns) if patterns is not None else None)
+
+
+def selected_sites(gm: fx.GraphModule, include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[LinearSite]:
+    """The default is every decoder-block linear; explicit globs select among all linear sites."""
+    candidates = block_sites(gm) if include is None else select_sites(linear_sites(gm), include)
+    return select_sites(candidates, ("*",), exclude)
+
+
+def quantize_nf4(gm: fx.GraphModule, context: PassContext, options: NF4Options) -> PassResult:
+    report = PassReport("quantize_nf4", options_dict(options))
+    sites = selected_sites(gm, options.include, options.exclude)
+    report.matched = len(sites)
+    for site in sites:
+        tied = [n.name for n in weight_users(gm, site.weight_name) if n is not site.node]
+        if tied:
+            report.records.append(SiteRecord(site.path, SKIPPED, reason=(
+                f"weight {site.weight_name} is also read by {', '.join(tied)} (tied); quantizing it would "
+                "change those too: exclude this site or untie the weights")))
+            continue
+        report.records.append(_rewrite(gm, site, options))
+    return PassResult(gm, modified=bool(report.rewritten), report=report)
+
+
+def _rewrite(gm: fx.GraphModule, site: LinearSite, options: NF4Options) -> SiteRecord:
+    weight = site_weight(gm, site)
+    bias = site_bias(gm, site)
+    q = quantize_weight(weight, options.blocksize, options.double_quant)
+    tensors = {"nf4_packed": q.packed, "nf4_absmax": q.absmax, "nf4_code": q.code}
+    if q.nested_absmax is not None:
+        tensors |= {"nf4_nested_absmax": q.nested_absmax, "nf4_nested_code": q.nested_code, "nf4_offset": q.offset}
+
+    def args(x: fx.Node, attrs: dict[str, fx.Node], bias_node: fx.Node | None) -> tuple:
+        return (x, attrs["nf4_packed"], attrs["nf4_absmax"], attrs["nf4_code"], attrs.get("nf4_nested_absmax"),
+                attrs.get("nf4_nested_code"), attrs.get("nf4_offset"), bias_node,
+                site.out_features, site.in_features, q.blocksize, q.nested_blocksize)
+
+    bytes_before = weight.numel() * weight.element_size()
+    replace_site(gm, site, torch.ops.qgraph.nf4_linear.default, tensors, args)
+    return SiteRecord(site.path, REWRITTEN, params=weight.numel(), bytes_before=bytes_before,
+                      bytes_after=q.nbytes(), detail=f"{site.out_features}x{site.in_features} {site.kind}")
+
+
+PASS = PassSpec("quantize_nf4", quantize_nf4, NF4Options,
+                "linears -> qgraph::nf4_linear (bitsandbytes NF4, frozen)")

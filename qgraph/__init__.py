@@ -1,0 +1,13 @@
+"""qgraph: a graph-rewriting compiler for memory-efficient quantized fine-tuning of LLMs."""
+
+from qgraph import ops  # noqa: F401  (registers the torch.ops.qgraph namespace)
+from qgraph.api import transform
+from qgraph.capture import capture
+from qgraph.errors import CaptureError, PassError, PlanError, QGraphError, VerificationError
+from qgraph.module import QGraphModule
+from qgraph.plans import Plan, plans
+
+__all__ = [
+    "CaptureError", "PassError", "Plan", "PlanError", "QGraphError", "QGraphModule", "VerificationError",
+    "capture", "plans", "transform",
+]

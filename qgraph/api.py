@@ -1,0 +1,63 @@
+"""The entry point: `transform(model, plan, **options)`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from qgraph.capture import capture, capture_info
+from qgraph.errors import PlanError, unknown_name_message
+from qgraph.module import QGraphModule
+from qgraph.pipeline import PassContext, run_pipeline
+from qgraph.plans import Plan, get_plan, resolve_steps
+from qgraph.report import TransformReport
+
+
+def transform(
+    model: nn.Module,
+    plan: str | Plan = "nf4",
+    *,
+    example_inputs: Any = None,
+    compile: bool = False,
+    checkpoint: str | dict | None = None,
+    skip: Sequence[str] = (),
+    print_after: Sequence[str] = (),
+    console: Console | None = None,
+    **options: Any,
+) -> QGraphModule:
+    """Capture `model`, run `plan`'s passes (with `options` overriding theirs), return the module.
+
+    Every plan, option and pass name is checked before the model is captured, so a typo changes
+    nothing. The result shares the model's unquantized tensors (no copy) and freezes every
+    parameter a pass did not mark trainable.
+    """
+    plan = get_plan(plan)
+    steps = resolve_steps(plan, options)
+    pass_names = [spec.name for spec, _ in steps]
+    for name in (*skip, *print_after):
+        if name not in pass_names:
+            raise PlanError(unknown_name_message("pass", name, pass_names) + f" (plan {plan.name!r})")
+    if checkpoint not in (None, "none"):
+        raise PlanError(
+            f"checkpoint={checkpoint!r}: activation-checkpoint boundaries need the insert_checkpoints pass, "
+            "which this version of qgraph does not have yet; use checkpoint=None")
+
+    start = time.perf_counter()
+    gm = capture(model, example_inputs)
+    info = capture_info(gm)
+    report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
+    context = PassContext(example_inputs=info.example_inputs)
+    gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
+
+    trainable = {name for names in context.trainable.values() for name in names}
+    for name, param in gm.named_parameters():
+        param.requires_grad_(name in trainable)
+        if name in trainable:
+            report.trainable_params += param.numel()
+        else:
+            report.frozen_params += param.numel()
+    return QGraphModule(gm, report, plan, info, compile=compile)

@@ -1,0 +1,214 @@
+"""Capture a model as a torch.fx GraphModule.
+
+Hugging Face decoder-only models go through non-strict `torch.export` with a dynamic batch and
+sequence dimension and an attention mask input, so one capture serves every batch shape and padding.
+Plain modules go through `torch.export` when example inputs are given, else `torch.fx.symbolic_trace`.
+Nothing about the user's model changes: a failed capture raises `CaptureError` naming the module and
+the op, and the model's train/eval mode is restored either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from qgraph.errors import CaptureError
+
+MAX_BATCH = 64
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 16  # > 1 so export does not specialise the dims to 0/1
+
+
+@dataclass
+class CaptureInfo:
+    """How the captured graph is called, and what the original model returned."""
+
+    kind: str  # "hf" (Hugging Face model, called with keywords) or "module" (positional args)
+    input_names: tuple[str, ...]
+    # placeholder name -> the example value it was captured with (what verification propagates)
+    example_inputs: dict[str, Any] = field(default_factory=dict)
+    constant_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_class: str = ""
+    config: Any = None  # the HF config, for loss functions and output shapes
+    loss_function: Callable | None = None  # the model's own loss (HF), given logits and labels
+    max_seq_len: int | None = None
+
+
+def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.fx.GraphModule:
+    """Capture `model` as a GraphModule; `gm.meta["qgraph"]` holds its `CaptureInfo`."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"qgraph captures torch.nn.Module objects, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()  # a compiled graph is captured without dropout; the backbone is frozen anyway
+    try:
+        with _module_tracker(model) as tracker:
+            try:
+                if _is_hf_model(model):
+                    return _capture_hf(model, example_inputs)
+                return _capture_module(model, example_inputs)
+            except CaptureError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one clear error
+                raise CaptureError(_explain_failure(model, tracker, exc)) from exc
+    finally:
+        model.train(was_training)
+
+
+def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo:
+    info = gm.meta.get("qgraph")
+    if info is None:
+        raise CaptureError("this GraphModule was not made by qgraph.capture; capture the model first")
+    return info
+
+
+# --- Hugging Face models --------------------------------------------------------------------------
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "model_type")
+
+
+def _capture_hf(model: nn.Module, example_inputs: tuple | dict | None) -> torch.fx.GraphModule:
+    config = model.config
+    max_seq = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+    kwargs = _hf_example_kwargs(config, example_inputs)
+    accepted = inspect.signature(model.forward).parameters
+    constants = {"use_cache": False} if "use_cache" in accepted else {}
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    seq = Dim("seq", min=1, max=max_seq)
+    dynamic = {name: {0: batch, 1: seq} for name in kwargs} | {name: None for name in constants}
+    exported = torch.export.export(
+        model, (), kwargs=kwargs | constants, dynamic_shapes=dynamic, strict=False
+    )
+    gm = exported.module()
+    gm.meta["qgraph"] = CaptureInfo(
+        kind="hf",
+        input_names=tuple(kwargs),
+        example_inputs=kwargs | constants,
+        constant_kwargs=constants,
+        model_class=type(model).__name__,
+        config=config,
+        loss_function=getattr(model, "loss_function", None),
+        max_seq_len=max_seq,
+    )
+    return gm
+
+
+def _hf_example_kwargs(config: Any, example_inputs: tuple | dict | None) -> dict[str, torch.Tensor]:
+    if example_inputs is None:
+        vocab = int(config.vocab_size)
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=generator)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {"input_ids": example_inputs[0]}
+    if "input_ids" not in kwargs:
+        raise CaptureError("example_inputs for a Hugging Face model need 'input_ids'")
+    kwargs.setdefault("attention_mask", torch.ones_like(kwargs["input_ids"]))
+    unknown = set(kwargs) - {"input_ids", "attention_mask"}
+    if unknown:
+        raise CaptureError(
+            f"qgraph captures Hugging Face models with input_ids and attention_mask only; "
+            f"drop {sorted(unknown)} from example_inputs"
+        )
+    if min(kwargs["input_ids"].shape) < 2:
+        raise CaptureError(
+            "example input_ids must have batch and sequence length >= 2 so the captured graph stays "
+            f"dynamic in both; got shape {tuple(kwargs['input_ids'].shape)}"
+        )
+    return kwargs
+
+
+# --- plain modules ----------------------------------------------------------------------------------
+
+
+def _capture_module(model: nn.Module, example_inputs: tuple | dict | None) -> torch.fx.GraphModule:
+    if example_inputs is None:
+        gm, args = torch.fx.symbolic_trace(model), ()
+    else:
+        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        # Dim.AUTO: the batch dim stays dynamic where the model allows it, else export specialises it
+        dynamic = tuple({0: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+        gm = torch.export.export(model, args, dynamic_shapes=dynamic, strict=False).module()
+    names = tuple(n.target for n in gm.graph.find_nodes(op="placeholder"))
+    gm.meta["qgraph"] = CaptureInfo(kind="module", input_names=names, example_inputs=dict(zip(names, args)),
+                                    model_class=type(model).__name__)
+    return gm
+
+
+# --- naming the module and op that failed -------------------------------------------------------------
+
+
+@dataclass
+class _ModuleTracker:
+    """The stack of module paths whose forward is running, so a failure can name its module."""
+
+    names: dict[int, str]
+    stack: list[str] = field(default_factory=list)
+
+    def enter(self, module: nn.Module) -> None:
+        self.stack.append(self.names.get(id(module), type(module).__name__))
+
+    def leave(self, module: nn.Module) -> None:
+        if self.stack:
+            self.stack.pop()
+
+
+@contextlib.contextmanager
+def _module_tracker(model: nn.Module) -> Iterator[_ModuleTracker]:
+    tracker = _ModuleTracker(names={id(m): (n or "<root>") for n, m in model.named_modules()})
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(lambda m, args: tracker.enter(m)))
+        handles.append(module.register_forward_hook(lambda m, args, out: tracker.leave(m)))
+    try:
+        yield tracker
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _explain_failure(model: nn.Module, tracker: _ModuleTracker, exc: Exception) -> str:
+    # a failed forward never pops its module: the top of the stack is the innermost one running
+    module_path = tracker.stack[-1] if tracker.stack else "<root>"
+    module = dict(model.named_modules()).get("" if module_path == "<root>" else module_path, model)
+    where = _failing_source_line(exc, module)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"could not capture {type(model).__name__}: module {module_path!r} ({type(module).__name__}) "
+        f"failed at {where}: {type(exc).__name__}: {reason}\n"
+        f"fix: {_suggest_fix(exc)}"
+    )
+
+
+def _failing_source_line(exc: Exception, module: nn.Module) -> str:
+    """The innermost traceback line inside the failing module's source file (the op that failed)."""
+    source_file = inspect.getsourcefile(type(module)) or ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [f for f in frames if f.filename == source_file] or frames[-1:]
+    if not inside:
+        return "an unknown op"
+    frame = inside[-1]
+    return f"`{(frame.line or '').strip()}` ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
+
+
+def _suggest_fix(exc: Exception) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    if "data-dependent" in text or "guardondatadependent" in text or "control flow" in text:
+        return (
+            "the module branches on tensor values; make the branch depend on shapes or config only, "
+            "use torch.cond, or mark the module as a leaf and keep it out of the rewritten region"
+        )
+    if "pytree" in text or "not a known type" in text:
+        return "return tensors (or registered pytree containers) from forward, e.g. pass use_cache=False"
+    if "proxy" in text or "symbolically traced" in text:
+        return "pass example_inputs so qgraph captures the module with torch.export instead of torch.fx"
+    return "check the op above runs under torch.export(strict=False); pass example_inputs matching forward"

@@ -1,0 +1,60 @@
+"""QGraphModule: the transformed model, called like the original."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from qgraph.capture import MAX_BATCH, CaptureInfo
+from qgraph.errors import QGraphError
+from qgraph.plans import Plan
+from qgraph.report import TransformReport
+
+
+class QGraphModule(nn.Module):
+    """Wraps the rewritten GraphModule. `forward` takes what the original model took (for Hugging
+    Face models: input_ids, attention_mask, labels) and returns the model's own output type."""
+
+    def __init__(self, graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo,
+                 *, compile: bool = False) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.plan = plan
+        self.info = info
+        self._run = torch.compile(graph_module, dynamic=True) if compile else graph_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.info.kind != "hf":
+            return self._run(*args, **kwargs)
+        return self._forward_hf(*args, **kwargs)
+
+    def _forward_hf(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None, **loss_kwargs: Any) -> Any:
+        unexpected = set(loss_kwargs) - {"num_items_in_batch"}
+        if unexpected:
+            raise TypeError(f"{self.info.model_class} was captured with input_ids, attention_mask and labels; "
+                            f"got unexpected arguments {sorted(unexpected)}")
+        self._check_shape(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
+        if labels is not None:
+            output.loss = self.info.loss_function(
+                logits=output.logits, labels=labels, vocab_size=self.info.config.vocab_size,
+                pooled_logits=output.logits, config=self.info.config, **loss_kwargs)
+        return output
+
+    def _check_shape(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if not 1 <= batch <= MAX_BATCH or not 1 <= seq <= self.info.max_seq_len:
+            raise QGraphError(
+                f"input_ids shape {tuple(input_ids.shape)} is outside the captured range "
+                f"(batch 1..{MAX_BATCH}, seq 1..{self.info.max_seq_len}); split the batch or shorten the text")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,84 @@
+"""Named, serialisable plans: ordered lists of pass configs, and how user options override them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from qgraph.errors import PlanError, unknown_name_message
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    description: str
+    passes: tuple[PassConfig, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "description": self.description,
+                           "passes": [{"name": p.name, "options": p.options} for p in self.passes]}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        passes = tuple(PassConfig(p["name"], dict(p.get("options", {}))) for p in data["passes"])
+        return cls(data["name"], data.get("description", ""), passes)
+
+
+PLANS: dict[str, Plan] = {
+    plan.name: plan
+    for plan in (
+        Plan("nf4", "every decoder linear to bitsandbytes NF4 (blocksize 64, double quantization); "
+             "frozen, for inference or as a backbone", (PassConfig("quantize_nf4"),)),
+    )
+}
+
+
+def plans() -> list[str]:
+    """The names of the built-in plans."""
+    return sorted(PLANS)
+
+
+def get_plan(plan: str | Plan) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if plan not in PLANS:
+        raise PlanError(unknown_name_message("plan", plan, PLANS))
+    return PLANS[plan]
+
+
+def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(PassSpec, options instance) per pass, with `overrides` applied.
+
+    An override `name=value` applies to every pass of the plan that has an option `name`;
+    `pass_name.option=value` (as a dict key) to that pass alone. Every unknown name is an error that
+    lists the valid ones, raised before anything is captured or changed.
+    """
+    from passes import get_pass
+
+    specs = [get_pass(config.name) for config in plan.passes]
+    per_pass: list[dict[str, Any]] = [dict(config.options) for config in plan.passes]
+    valid = sorted({n for s in specs for n in s.option_names()} | {f"{s.name}.{n}" for s in specs for n in s.option_names()})
+    for key, value in overrides.items():
+        pass_name, _, option = key.rpartition(".")
+        targets = [i for i, spec in enumerate(specs)
+                   if option in spec.option_names() and (not pass_name or spec.name == pass_name)]
+        if not targets:
+            raise PlanError(unknown_name_message("option", key, valid) + f" (plan {plan.name!r})")
+        for i in targets:
+            per_pass[i][option] = value
+    steps = []
+    for spec, options in zip(specs, per_pass, strict=True):
+        try:
+            steps.append((spec, spec.options_type(**options)))
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"pass {spec.name!r}: {exc}") from exc
+    return steps
+
