@@ -86,6 +86,7 @@ class TransformReport:
         for report in self.passes:
             if report.records:
                 parts.append(_site_table(report))
+            parts.extend(Text(f"  skipped {r.path}: {r.reason}", style="yellow") for r in report.skipped)
             parts.extend(Text(f"  {report.name}: {note}", style="yellow") for note in report.notes)
         return Group(*parts)
 
@@ -97,8 +98,9 @@ class TransformReport:
 
 def _summary_table(passes: list[PassReport]) -> Table:
     table = Table(title="passes", title_justify="left")
-    for column in ("pass", "matched", "rewritten", "skipped", "params", "bytes before", "bytes after", "time"):
-        table.add_column(column, justify="left" if column == "pass" else "right")
+    table.add_column("pass", no_wrap=True)
+    for column in ("matched", "rewritten", "skipped", "params", "before", "after", "time"):
+        table.add_column(column, justify="right", no_wrap=True)
     for report in passes:
         if not report.ran:
             table.add_row(report.name, "-", "-", "-", "-", "-", "-", "skipped by name", style="dim")
@@ -112,16 +114,39 @@ def _summary_table(passes: list[PassReport]) -> Table:
 
 
 def _site_table(report: PassReport) -> Table:
-    table = Table(title=f"{report.name}: per site", title_justify="left")
-    for column in ("site", "action", "params", "before", "after", "detail"):
-        table.add_column(column, justify="left" if column in ("site", "action", "detail") else "right")
-    for record in report.records:
-        style = "yellow" if record.action == SKIPPED else None
+    """Per layer: rewritten sites of one decoder block on one row; a skipped site always on its own."""
+    table = Table(title=f"{report.name}: per layer", title_justify="left")
+    table.add_column("layer / site", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    for column in ("sites", "params", "before", "after"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("detail")
+    for key, action, records in _group_by_layer(report.records):
+        style = "yellow" if action == SKIPPED else None
+        details = ["reason below"] if action == SKIPPED else sorted({r.detail for r in records})
         table.add_row(
-            record.path, record.action, f"{record.params:,}", format_bytes(record.bytes_before),
-            format_bytes(record.bytes_after), record.reason or record.detail, style=style,
+            key, action, str(len(records)), f"{sum(r.params for r in records):,}",
+            format_bytes(sum(r.bytes_before for r in records)), format_bytes(sum(r.bytes_after for r in records)),
+            "; ".join(details) if len(details) <= 2 else f"{len(details)} shapes", style=style,
         )
     return table
+
+
+def layer_of(path: str) -> str:
+    """`model.layers.3.mlp.down_proj` -> `model.layers.3`: the path up to its first index."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return path
+
+
+def _group_by_layer(records: list[SiteRecord]) -> list[tuple[str, str, list[SiteRecord]]]:
+    groups: dict[tuple[str, str], list[SiteRecord]] = {}
+    for record in records:
+        key = record.path if record.action == SKIPPED else layer_of(record.path)
+        groups.setdefault((key, record.action), []).append(record)
+    return [(key, action, group) for (key, action), group in groups.items()]
 
 
 def format_bytes(n: int) -> str:

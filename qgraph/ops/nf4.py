@@ -9,9 +9,14 @@ The weight is frozen: the op differentiates with respect to x (and bias) only.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-import bitsandbytes.functional as bnbf
+# bitsandbytes warns on import that an optional faster CPU kernel package is absent; the kernels it
+# uses instead are exact, so the warning is only noise in every qgraph command
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import bitsandbytes.functional as bnbf  # noqa: E402
 import torch
 import torch.nn.functional as F
 from torch import Tensor

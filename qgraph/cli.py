@@ -1,0 +1,112 @@
+"""The `qgraph` command: plans, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from qgraph.errors import QGraphError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # reports are wide tables: outside a terminal rich would fold them to 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=132)
+    try:
+        return args.run(args, console)
+    except (QGraphError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qgraph", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    plans = commands.add_parser("plans", help="list the built-in plans")
+    plans.add_argument("--json", action="store_true", help="print each plan as JSON")
+    plans.set_defaults(run=_plans)
+
+    inspect = commands.add_parser("inspect", help="transform a model and show what each pass did")
+    inspect.add_argument("model", help="smollm2, tiny-llama / tiny-gpt2 / ..., or a local Hugging Face directory")
+    inspect.add_argument("--plan", default="nf4")
+    inspect.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                         help="override a plan option, e.g. --set blocksize=128 (repeatable)")
+    inspect.add_argument("--dot", type=Path, help="draw the rewritten graph (.dot, .svg or .png)")
+    inspect.add_argument("--dot-depth", type=int, default=4,
+                         help="module-path depth the drawing groups nodes by (0: every node)")
+    inspect.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                         help="print the graph after this pass")
+    inspect.add_argument("--skip", action="append", default=[], metavar="PASS", help="skip this pass")
+    inspect.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="the main job on the real SmolLM2-135M model")
+    demo.add_argument("--plan", default="nf4")
+    demo.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")
+    demo.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --block-len tokens to score")
+    demo.add_argument("--block-len", type=int, default=256)
+    demo.add_argument("--steps", type=int, default=0, help="training steps (plans with trainable parameters)")
+    demo.add_argument("--batch-size", type=int, default=4)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`k=v` strings to options; values are Python literals where they parse (ints, floats, tuples)."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise QGraphError(f"--set takes OPTION=VALUE, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def _plans(args: argparse.Namespace, console: Console) -> int:
+    from qgraph.plans import PLANS
+
+    for name in sorted(PLANS):
+        plan = PLANS[name]
+        if args.json:
+            console.print_json(plan.to_json())
+        else:
+            console.print(f"[bold cyan]{name:14}[/] {plan.description}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    import qgraph
+    from qgraph.drawing import write_graph_picture
+    from qgraph.models import resolve_model
+
+    options = parse_options(args.set)
+    with console.status(f"loading {args.model}"):
+        model, _ = resolve_model(args.model)
+    with console.status(f"capturing and running plan {args.plan}"):
+        qm = qgraph.transform(model, args.plan, print_after=args.print_after, skip=args.skip,
+                              console=console, **options)
+    console.print(qm.report)
+    if args.dot:
+        path = write_graph_picture(qm.graph_module, args.dot, depth=args.dot_depth or None)
+        console.print(f"graph drawn to {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    from qgraph.demo import run_demo
+
+    run_demo(args.plan, parse_options(args.set), eval_blocks=args.eval_blocks, block_len=args.block_len,
+             steps=args.steps, batch_size=args.batch_size, console=console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

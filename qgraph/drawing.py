@@ -1,0 +1,29 @@
+"""Write a graph picture: DOT text, rendered to SVG/PNG by Graphviz when asked."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from torch import fx
+
+from qgraph.errors import QGraphError
+from qgraph.graph import to_dot
+
+
+def write_graph_picture(gm: fx.GraphModule, path: Path, *, depth: int | None = 4) -> Path:
+    """`path` ending in .dot gets DOT text; .svg or .png is rendered with Graphviz's `dot`."""
+    dot_text = to_dot(gm, depth=depth)
+    suffix = path.suffix.lower()
+    if suffix == ".dot":
+        path.write_text(dot_text)
+        return path
+    if suffix not in (".svg", ".png"):
+        raise QGraphError(f"cannot draw to {path.name}: use a .dot, .svg or .png file name")
+    dot = shutil.which("dot")
+    if dot is None:
+        raise QGraphError(f"drawing {path.name} needs Graphviz's `dot` (apt-get install graphviz); "
+                          "or ask for a .dot file and render it elsewhere")
+    subprocess.run([dot, f"-T{suffix[1:]}", "-o", str(path)], input=dot_text, text=True, check=True)
+    return path

@@ -1,0 +1,59 @@
+"""Held-out perplexity: the number every quantization method here is judged by."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import track
+
+# input_ids (B, T) -> logits (B, T, V)
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def causal_lm_forward(model: torch.nn.Module) -> LogitsFn:
+    """Adapt a Hugging Face causal LM to `input_ids -> logits`, on the model's own device."""
+    device = next(model.parameters()).device
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        # use_cache=False: scoring needs no KV cache, and building one costs memory.
+        return model(input_ids=input_ids.to(device), use_cache=False).logits
+
+    return forward
+
+
+def perplexity(
+    forward: LogitsFn,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    description: str = "perplexity",
+) -> float:
+    """exp of the mean next-token cross-entropy over every scored token of `blocks` (n, T).
+
+    Each block scores its T - 1 next-token predictions; the mean weighs every token alike,
+    whatever batch it fell in. Runs under no_grad rather than inference_mode so that a forward
+    compiled or exported for training is not retraced.
+    """
+    if blocks.ndim != 2 or blocks.shape[1] < 2 or len(blocks) == 0:
+        raise ValueError(f"blocks must be (n_blocks >= 1, block_len >= 2), got {tuple(blocks.shape)}")
+    total_nll = 0.0
+    scored_tokens = 0
+    starts = range(0, len(blocks), batch_size)
+    with torch.no_grad():
+        for start in track(starts, description=description, disable=not progress, console=Console(stderr=True)):
+            input_ids = blocks[start : start + batch_size]
+            logits = forward(input_ids)
+            if logits.shape[:2] != input_ids.shape:
+                raise ValueError(f"forward returned logits {tuple(logits.shape)} for input_ids {tuple(input_ids.shape)}")
+            targets = input_ids[:, 1:].to(logits.device)
+            # float32 at least, summed in float64: a long run of bf16 sums would drift.
+            nll = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="sum"
+            )
+            total_nll += nll.double().item()
+            scored_tokens += targets.numel()
+    return math.exp(total_nll / scored_tokens)

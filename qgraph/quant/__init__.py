@@ -1,0 +1,51 @@
+"""Quantizers: the uniform symmetric grid and its scales (`uniform`), Phi0 storage formats (`downcast`)."""
+
+from qgraph.quant.downcast import (
+    PHI_FORMATS,
+    bytes_per_weight,
+    downcast,
+    pack_codes,
+    pack_int4,
+    unpack_codes,
+    unpack_int4,
+    upcast,
+)
+from qgraph.quant.uniform import (
+    SCALE_INIT_METHODS,
+    dequantize,
+    expand_scale,
+    fake_quantize,
+    from_groups,
+    grid_bounds,
+    init_scale,
+    quantize_to_codes,
+    resolve_group_size,
+    round_to_grid,
+    scale_shape,
+    to_grid_units,
+    to_groups,
+)
+
+__all__ = [
+    "PHI_FORMATS",
+    "SCALE_INIT_METHODS",
+    "bytes_per_weight",
+    "dequantize",
+    "downcast",
+    "expand_scale",
+    "fake_quantize",
+    "from_groups",
+    "grid_bounds",
+    "init_scale",
+    "pack_codes",
+    "pack_int4",
+    "quantize_to_codes",
+    "resolve_group_size",
+    "round_to_grid",
+    "scale_shape",
+    "to_grid_units",
+    "to_groups",
+    "unpack_codes",
+    "unpack_int4",
+    "upcast",
+]

@@ -1,0 +1,100 @@
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from qgraph.ops.int4 import fold_lrqat_weight, int4_linear
+from qgraph.ops.lrqat import lrqat_linear, phi0_from_weight
+from qgraph.quant.downcast import PHI_FORMATS, pack_codes, unpack_codes
+from qgraph.quant.uniform import init_scale, quantize_to_codes
+
+OUT, IN, RANK, LORA_SCALE = 16, 32, 4, 0.25
+
+
+def trained_layer(fmt, bits, group_size, dtype=torch.float32, seed=0):
+    """lrqat_linear arguments after "training": random A and B, a scale moved away from s0."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    weight = randn(OUT, IN)
+    scale0 = init_scale(weight, bits, group_size)
+    return dict(
+        phi0=phi0_from_weight(weight, scale0, bits, group_size, fmt),
+        lora_a=randn(OUT, RANK),
+        lora_b=randn(RANK, IN),
+        scale=scale0 * (1 + 0.1 * torch.rand(scale0.shape, generator=generator, dtype=dtype)),
+        bits=bits,
+        group_size=group_size,
+        lora_scale=LORA_SCALE,
+        phi_format=fmt,
+    )
+
+
+def deployed_args(layer):
+    codes, scale = fold_lrqat_weight(**layer)
+    return codes, scale, layer["bits"], layer["group_size"]
+
+
+@pytest.mark.parametrize("fmt", PHI_FORMATS)
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 8])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_folded_output_is_bitwise_the_trained_output(fmt, bits, group_size, x_dtype):
+    layer = trained_layer(fmt, bits, group_size)
+    x, bias = torch.randn(2, 3, IN, dtype=x_dtype), torch.randn(OUT, dtype=x_dtype)
+    codes, scale, bits, group_size = deployed_args(layer)
+    trained = lrqat_linear(x, layer["phi0"], layer["lora_a"], layer["lora_b"], layer["scale"], bias,
+                           bits, group_size, LORA_SCALE, fmt)
+    assert torch.equal(int4_linear(x, codes, scale, bias, bits, group_size, IN), trained)
+
+
+@pytest.mark.parametrize(("bits", "dtype", "shape"), [(3, torch.uint8, (OUT, IN // 2)),
+                                                      (4, torch.uint8, (OUT, IN // 2)),
+                                                      (8, torch.int8, (OUT, IN))])
+def test_folded_codes_layout(bits, dtype, shape):
+    codes, scale, _, _ = deployed_args(trained_layer("fixed", bits, 8))
+    assert codes.dtype == dtype and codes.shape == shape
+    assert scale.shape == (OUT, IN // 8) and not scale.requires_grad
+
+
+def test_fold_at_step_zero_gives_rtn_codes():
+    torch.manual_seed(0)
+    weight = torch.randn(OUT, IN)
+    scale0 = init_scale(weight, 4, 8)
+    layer = dict(phi0=phi0_from_weight(weight, scale0, 4, 8, "int-packed"), lora_a=torch.zeros(OUT, RANK),
+                 lora_b=torch.randn(RANK, IN), scale=scale0, bits=4, group_size=8, lora_scale=LORA_SCALE,
+                 phi_format="int-packed")
+    codes, _, _, _ = deployed_args(layer)
+    assert torch.equal(unpack_codes(codes, 4, IN), quantize_to_codes(weight, scale0, 4, 8))
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_gradcheck_input_and_bias(bits):
+    generator = torch.Generator().manual_seed(0)
+    codes = pack_codes(torch.randint(-8, 8, (OUT, IN), generator=generator, dtype=torch.int8), bits)
+    scale = torch.rand(OUT, 4, generator=generator, dtype=torch.float64) + 0.1
+    x = torch.randn(2, 3, IN, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(OUT, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(int4_linear, (x, codes, scale, bias, bits, 8, IN))
+
+
+def test_trainable_scale_is_refused():
+    codes, scale, bits, group_size = deployed_args(trained_layer("fixed", 4, 8))
+    with pytest.raises(ValueError, match="frozen"):
+        int4_linear(torch.randn(2, IN), codes, scale.requires_grad_(), None, bits, group_size, IN)
+
+
+def test_fake_kernel_shape_and_dtype():
+    with FakeTensorMode():
+        x = torch.empty(7, 5, IN, dtype=torch.bfloat16)
+        codes = torch.empty(OUT, IN // 2, dtype=torch.uint8)
+        y = int4_linear(x, codes, torch.empty(OUT, 1), None, 4, -1, IN)
+    assert y.shape == (7, 5, OUT) and y.dtype == torch.bfloat16
+
+
+def test_opcheck():
+    codes, scale, bits, group_size = deployed_args(trained_layer("fixed", 4, 8))
+    x = torch.randn(3, IN, requires_grad=True)
+    bias = torch.randn(OUT, requires_grad=True)
+    torch.library.opcheck(int4_linear, (x, codes, scale, bias, bits, group_size, IN))

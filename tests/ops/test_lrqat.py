@@ -1,0 +1,309 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from qgraph.ops.lrqat import (
+    lrqat_linear,
+    lrqat_linear_backward,
+    lrqat_linear_forward,
+    lrqat_linear_reference,
+    phi0_from_weight,
+    rebuild_weight,
+)
+from qgraph.quant.downcast import PHI_FORMATS
+from qgraph.quant.uniform import fake_quantize, grid_bounds, init_scale, quantize_to_codes
+
+OUT, IN, RANK, LORA_SCALE = 16, 32, 4, 0.25
+FORMATS_BITS_GROUPS = [
+    (fmt, bits, group_size) for fmt in PHI_FORMATS for bits in (3, 4) for group_size in (-1, 8)
+]
+
+
+def make_layer(fmt, bits, group_size, *, lora_a_std=2.0, interior=False, dtype=torch.float64, seed=0):
+    """Keyword arguments of one lrqat_linear call, with A, B, s, bias and x requiring grad.
+
+    `interior` draws W0 / s0 and a small A so that Z stays well inside the grid (no clamping).
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    weight = randn(OUT, IN)
+    scale0 = init_scale(weight, bits, group_size)
+    if interior:
+        qmin, qmax = grid_bounds(bits)
+        units = torch.rand(OUT, IN, generator=generator, dtype=dtype) * (qmax - qmin - 2) + qmin + 1
+        weight = units * scale0.repeat_interleave(IN // scale0.shape[1], dim=1)
+        lora_a_std = 0.05
+    return dict(
+        x=randn(2, 3, IN).requires_grad_(),
+        phi0=phi0_from_weight(weight, scale0, bits, group_size, fmt),
+        lora_a=(randn(OUT, RANK) * lora_a_std).requires_grad_(),
+        lora_b=randn(RANK, IN).requires_grad_(),
+        scale=(scale0 * (1 + 0.1 * torch.rand(scale0.shape, generator=generator, dtype=dtype)))
+        .requires_grad_(),
+        bias=randn(OUT).requires_grad_(),
+        bits=bits,
+        group_size=group_size,
+        lora_scale=LORA_SCALE,
+        phi_format=fmt,
+    )
+
+
+def positional(layer):
+    return tuple(layer.values())
+
+
+TRAINABLE = ("x", "lora_a", "lora_b", "scale", "bias")
+
+
+def identity(t):
+    return t
+
+
+class StraightThroughSurrogate(torch.autograd.Function):
+    """lrqat_linear's forward and backward formulas with the round replaced by the identity.
+
+    Round's straight-through gradient is then the true derivative, so gradcheck can verify the
+    formulas for A and B (the registered op wires the same two functions with torch.round).
+    """
+
+    @staticmethod
+    def forward(ctx, x, phi0, lora_a, lora_b, scale, bias, bits, group_size, lora_scale, phi_format):
+        ctx.save_for_backward(x, phi0, lora_a, lora_b, scale)
+        ctx.quant_args = (bits, group_size, lora_scale, phi_format)
+        return lrqat_linear_forward(
+            x, phi0, lora_a, lora_b, scale, bias, bits, group_size, lora_scale, phi_format, identity
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        needs = ctx.needs_input_grad
+        grads = lrqat_linear_backward(
+            grad_out, *ctx.saved_tensors, *ctx.quant_args,
+            (needs[0], needs[2], needs[3], needs[4], needs[5]), identity,
+        )
+        grad_x, grad_a, grad_b, grad_scale, grad_bias = grads
+        return grad_x, None, grad_a, grad_b, grad_scale, grad_bias, None, None, None, None
+
+
+@pytest.mark.parametrize(("fmt", "bits", "group_size"), FORMATS_BITS_GROUPS)
+def test_forward_equals_reference(fmt, bits, group_size):
+    layer = make_layer(fmt, bits, group_size)
+    assert torch.equal(lrqat_linear(**layer), lrqat_linear_reference(**layer))
+
+
+@pytest.mark.parametrize("x_shape", [(IN,), (5, IN), (2, 3, IN), (2, 1, 3, IN)])
+def test_batch_dims(x_shape):
+    layer = make_layer("fixed", 4, 8)
+    layer["x"] = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    y = lrqat_linear(**layer)
+    assert y.shape == (*x_shape[:-1], OUT)
+    assert torch.equal(y, lrqat_linear_reference(**layer))
+    y.sum().backward()
+    assert layer["x"].grad.shape == x_shape and layer["lora_b"].grad.shape == (RANK, IN)
+
+
+def test_bf16_activations_with_float32_parameters():
+    layer = make_layer("fixed", 4, 8, dtype=torch.float32)
+    layer["x"] = layer["x"].detach().to(torch.bfloat16).requires_grad_()
+    layer["bias"] = None
+    y = lrqat_linear(**layer)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, lrqat_linear_reference(**layer))
+    y.float().sum().backward()
+    assert layer["x"].grad.dtype == torch.bfloat16 and layer["lora_a"].grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_fake_kernel_shape_and_dtype(x_dtype):
+    with FakeTensorMode():
+        x = torch.empty(7, 5, IN, dtype=x_dtype)
+        phi0 = torch.empty(OUT, IN // 2, dtype=torch.uint8)
+        y = lrqat_linear(x, phi0, torch.empty(OUT, RANK), torch.empty(RANK, IN), torch.empty(OUT, 4),
+                         None, 4, 8, LORA_SCALE, "int-packed")
+    assert y.shape == (7, 5, OUT) and y.dtype == x_dtype
+
+
+def test_opcheck():
+    layer = make_layer("int-packed", 4, 8, dtype=torch.float32)
+    torch.library.opcheck(lrqat_linear, positional(layer))
+
+
+@pytest.mark.parametrize(("fmt", "bits", "group_size"), FORMATS_BITS_GROUPS)
+def test_gradcheck_x_scale_bias(fmt, bits, group_size):
+    # W_int does not depend on x, s or bias: these derivatives are exact even with real rounding.
+    layer = make_layer(fmt, bits, group_size)
+    layer["lora_a"].requires_grad_(False)
+    layer["lora_b"].requires_grad_(False)
+    assert torch.autograd.gradcheck(lrqat_linear, positional(layer))
+
+
+@pytest.mark.parametrize(("fmt", "bits", "group_size"), FORMATS_BITS_GROUPS)
+def test_gradcheck_straight_through_formulas(fmt, bits, group_size):
+    layer = make_layer(fmt, bits, group_size, interior=True)
+    _, in_range = rebuild_weight(layer["phi0"], layer["lora_a"], layer["lora_b"], bits, LORA_SCALE,
+                                 fmt, torch.float64, identity)
+    assert in_range.all()
+    assert torch.autograd.gradcheck(StraightThroughSurrogate.apply, positional(layer))
+
+
+@pytest.mark.parametrize(("fmt", "bits", "group_size"), FORMATS_BITS_GROUPS)
+def test_gradients_equal_reference_autograd(fmt, bits, group_size):
+    layer = make_layer(fmt, bits, group_size)
+    _, in_range = rebuild_weight(layer["phi0"], layer["lora_a"], layer["lora_b"], bits, LORA_SCALE,
+                                 fmt, torch.float64)
+    assert 0 < in_range.sum() < in_range.numel(), "the clamp mask must be exercised"
+    tensors = [layer[name] for name in TRAINABLE]
+    grad_out = torch.randn(2, 3, OUT, dtype=torch.float64)
+    grads = torch.autograd.grad(lrqat_linear(**layer), tensors, grad_out)
+    expected = torch.autograd.grad(lrqat_linear_reference(**layer), tensors, grad_out)
+    for name, got, want in zip(TRAINABLE, grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"d{name}")
+
+
+def saved_for_backward(fn, layer):
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, identity):
+        fn(**layer)
+    return saved
+
+
+def weight_sized_non_inputs(saved, layer):
+    inputs = {(t.data_ptr(), tuple(t.shape)) for t in layer.values() if isinstance(t, torch.Tensor)}
+    return [t for t in saved if (t.data_ptr(), tuple(t.shape)) not in inputs and t.numel() >= OUT * IN // 4]
+
+
+def test_saves_only_its_inputs_for_backward():
+    layer = make_layer("fixed", 4, 8)
+    layer["x"] = torch.randn(2, IN, dtype=torch.float64, requires_grad=True)  # far smaller than W
+    saved = saved_for_backward(lrqat_linear, layer)
+    inputs = {(t.data_ptr(), tuple(t.shape)) for t in layer.values() if isinstance(t, torch.Tensor)}
+    assert saved and all((t.data_ptr(), tuple(t.shape)) in inputs for t in saved)
+    assert all(t.numel() < OUT * IN for t in saved if t.data_ptr() != layer["phi0"].data_ptr())
+    # The check above would catch a weight-sized tensor: the plain autograd reference keeps several.
+    assert weight_sized_non_inputs(saved_for_backward(lrqat_linear_reference, layer), layer)
+
+
+def test_activation_not_saved_when_only_x_needs_grad():
+    layer = make_layer("fixed", 4, 8)
+    for name in ("lora_a", "lora_b", "scale"):
+        layer[name].requires_grad_(False)
+    saved = saved_for_backward(lrqat_linear, layer)
+    assert all(t.data_ptr() != layer["x"].data_ptr() for t in saved)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int-packed"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 8])
+def test_step_zero_is_rtn_exactly(fmt, bits, group_size):
+    torch.manual_seed(0)
+    weight, x = torch.randn(OUT, IN), torch.randn(5, IN)
+    scale0 = init_scale(weight, bits, group_size)
+    y = lrqat_linear(x, phi0_from_weight(weight, scale0, bits, group_size, fmt), torch.zeros(OUT, RANK),
+                     torch.randn(RANK, IN), scale0, None, bits, group_size, LORA_SCALE, fmt)
+    assert torch.equal(y, F.linear(x, fake_quantize(weight, scale0, bits, group_size)))
+
+
+def fixed_point_codes_at_step_zero(grid_units, bits):
+    """W_int of a per-channel layer with s0 = 1 (so W0 / s0 = W0) and A = 0, fixed-point Phi0."""
+    phi0 = phi0_from_weight(grid_units, torch.ones(grid_units.shape[0], 1), bits, -1, "fixed")
+    lora_a, lora_b = torch.zeros(grid_units.shape[0], RANK), torch.randn(RANK, grid_units.shape[1])
+    w_int, _ = rebuild_weight(phi0, lora_a, lora_b, bits, LORA_SCALE, "fixed", torch.float32)
+    return w_int
+
+
+def test_fixed_point_step_zero_is_rtn_except_near_half_integers():
+    # Q4.4 rounds W0 / s0 to 1/16 first: a value within 1/32 of k + 1/2 becomes exactly k + 1/2 and
+    # then rounds half to even, which can differ from RTN of the unrounded value (2.52: RTN 3, here 2).
+    bits, fractional_bits = 4, 4
+    torch.manual_seed(0)
+    units = torch.rand(64, 64) * 18 - 9
+    units[0, :4] = torch.tensor([2.52, 1.48, -2.52, 2.47])
+    w_int = fixed_point_codes_at_step_zero(units, bits)
+    rtn = quantize_to_codes(units, torch.ones(64, 1), bits, -1).float()
+    near_half = (units.abs().frac() - 0.5).abs() <= 2.0 ** -(fractional_bits + 1)
+    assert torch.equal(w_int[~near_half], rtn[~near_half])
+    assert w_int[0, :4].tolist() == [2.0, 2.0, -2.0, 2.0] and rtn[0, :4].tolist() == [3.0, 1.0, -3.0, 2.0]
+
+
+def test_fixed_point_step_zero_is_rtn_at_8_bits():
+    # Q8.0 has no fractional bits: phi^-1(phi(x)) = round(x), so the rounds agree everywhere.
+    torch.manual_seed(0)
+    units = torch.rand(64, 64) * 300 - 150
+    units[0, :2] = torch.tensor([2.5, 3.5])
+    rtn = quantize_to_codes(units, torch.ones(64, 1), 8, -1).float()
+    assert torch.equal(fixed_point_codes_at_step_zero(units, 8), rtn)
+
+
+def test_bad_arguments_raise_clear_errors():
+    layer = make_layer("fixed", 4, 8)
+    with pytest.raises(ValueError, match="unknown phi format 'q4.4'"):
+        lrqat_linear(**{**layer, "phi_format": "q4.4"})
+    with pytest.raises(ValueError, match="group_size=12 does not divide in_features=32"):
+        lrqat_linear(**{**layer, "group_size": 12})
+    with pytest.raises(ValueError, match=r"scale has shape \(16, 4\), expected \(16, 1\)"):
+        lrqat_linear(**{**layer, "group_size": -1})
+    with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
+        lrqat_linear(**{**layer, "bits": 9})
+
+
+class LRQATLayer(nn.Module):
+    def __init__(self, fmt="int-packed", bits=4, group_size=8):
+        super().__init__()
+        layer = make_layer(fmt, bits, group_size, dtype=torch.float32)
+        self.register_buffer("phi0", layer["phi0"])
+        self.lora_a = nn.Parameter(layer["lora_a"].detach())
+        self.lora_b = nn.Parameter(layer["lora_b"].detach())
+        self.scale = nn.Parameter(layer["scale"].detach())
+        self.quant_args = (bits, group_size, LORA_SCALE, fmt)
+
+    def forward(self, x):
+        return lrqat_linear(x, self.phi0, self.lora_a, self.lora_b, self.scale, None, *self.quant_args)
+
+
+def lrqat_node_count(graph):
+    return sum(node.target == torch.ops.qgraph.lrqat_linear.default for node in graph.nodes)
+
+
+def test_export_and_reexport_keep_one_node():
+    module, x = LRQATLayer(), torch.randn(2, 5, IN)
+    dims = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}}
+    exported = torch.export.export(module, (x,), dynamic_shapes=dims)
+    reexported = torch.export.export(exported.module(), (x,), dynamic_shapes=dims)
+    for program in (exported, reexported):
+        assert lrqat_node_count(program.graph) == 1
+        assert torch.equal(program.module()(x), module(x))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    module, x = LRQATLayer(), torch.randn(2, 5, IN)
+    eager_out = module(x)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), list(module.parameters()))
+    compiled_out = torch.compile(module, fullgraph=True)(x)
+    compiled_grads = torch.autograd.grad(compiled_out.square().sum(), list(module.parameters()))
+    torch.testing.assert_close(compiled_out, eager_out)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference():
+    layer = {k: v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+             for k, v in make_layer("fixed", 4, 8).items()}
+    tensors = [layer[name] for name in TRAINABLE]
+    y = lrqat_linear(**layer)
+    assert torch.equal(y, lrqat_linear_reference(**layer))
+    grads = torch.autograd.grad(y.sum(), tensors)
+    expected = torch.autograd.grad(lrqat_linear_reference(**layer).sum(), tensors)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

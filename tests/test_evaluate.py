@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qgraph.evaluate import causal_lm_forward, perplexity
+from qgraph.models import tiny_causal_lm
+
+VOCAB = 256
+
+
+def random_blocks(n_blocks, block_len, seed=0):
+    return torch.randint(0, VOCAB, (n_blocks, block_len), generator=torch.Generator().manual_seed(seed))
+
+
+def test_perplexity_of_a_tiny_model_matches_cross_entropy_computed_directly():
+    model = tiny_causal_lm("llama")
+    blocks = random_blocks(5, 12)
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits
+    expected = math.exp(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), blocks[:, 1:].reshape(-1)).item())
+    # batch_size 2 leaves a last batch of one block: the mean must still weigh every token alike
+    got = perplexity(causal_lm_forward(model), blocks, batch_size=2, progress=False)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_of_a_perfect_predictor_is_one():
+    def knows_the_next_token(input_ids):
+        return 100.0 * F.one_hot(input_ids.roll(-1, dims=1), VOCAB).float()
+
+    ppl = perplexity(knows_the_next_token, random_blocks(3, 20), progress=False)
+    assert ppl == pytest.approx(1.0, abs=1e-6)
+
+
+def test_perplexity_of_a_uniform_predictor_is_the_vocabulary_size():
+    ppl = perplexity(lambda ids: torch.zeros(*ids.shape, VOCAB), random_blocks(3, 8), progress=False)
+    assert ppl == pytest.approx(VOCAB, rel=1e-6)
+
+
+def test_perplexity_runs_without_autograd_and_with_a_progress_bar():
+    def forward(input_ids):
+        assert not torch.is_grad_enabled()
+        return torch.zeros(*input_ids.shape, VOCAB)
+
+    assert perplexity(forward, random_blocks(2, 4), progress=True, description="held-out") > 1
+
+
+def test_perplexity_rejects_logits_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="logits"):
+        perplexity(lambda ids: torch.zeros(ids.shape[0], VOCAB), random_blocks(2, 4), progress=False)
+
+
+def test_perplexity_rejects_blocks_too_short_to_score():
+    with pytest.raises(ValueError, match="block_len >= 2"):
+        perplexity(lambda ids: torch.zeros(*ids.shape, VOCAB), random_blocks(2, 1), progress=False)
+
+
+def test_causal_lm_forward_returns_the_models_logits():
+    model = tiny_causal_lm("gpt2")
+    ids = random_blocks(2, 6)
+    torch.testing.assert_close(causal_lm_forward(model)(ids), model(input_ids=ids).logits)
