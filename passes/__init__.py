@@ -5,9 +5,9 @@ from __future__ import annotations
 from qgraph.errors import PlanError, unknown_name_message
 from qgraph.pipeline import PassSpec
 
-from passes import quantize_nf4
+from passes import fold_lrqat, lrqat, quantize_nf4
 
-ALL_PASSES: list[PassSpec] = [quantize_nf4.PASS]
+ALL_PASSES: list[PassSpec] = [quantize_nf4.PASS, lrqat.PASS, fold_lrqat.PASS]
 
 
 def get_pass(name: str) -> PassSpec:

@@ -25,6 +25,8 @@ class NF4Options:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be True or False, got {self.double_quant!r}")
         if self.blocksize not in BNB_BLOCKSIZES:
             raise ValueError(f"blocksize={self.blocksize} is not one bitsandbytes supports; use one of {BNB_BLOCKSIZES}")
         object.__setattr__(self, "include", _as_tuple(self.include))

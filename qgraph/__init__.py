@@ -4,10 +4,12 @@ from qgraph import ops  # noqa: F401  (registers the torch.ops.qgraph namespace)
 from qgraph.api import transform
 from qgraph.capture import capture
 from qgraph.errors import CaptureError, PassError, PlanError, QGraphError, VerificationError
+from qgraph.finalize import finalize
 from qgraph.module import QGraphModule
+from qgraph.optim import param_groups
 from qgraph.plans import Plan, plans
 
 __all__ = [
     "CaptureError", "PassError", "Plan", "PlanError", "QGraphError", "QGraphModule", "VerificationError",
-    "capture", "plans", "transform",
+    "capture", "finalize", "param_groups", "plans", "transform",
 ]

@@ -54,10 +54,31 @@ def transform(
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
 
     trainable = {name for names in context.trainable.values() for name in names}
-    for name, param in gm.named_parameters():
-        param.requires_grad_(name in trainable)
-        if name in trainable:
+    freeze_untrained(gm, trainable)
+    for param in gm.parameters():
+        if param.requires_grad:
             report.trainable_params += param.numel()
         else:
             report.frozen_params += param.numel()
     return QGraphModule(gm, report, plan, info, compile=compile)
+
+
+def freeze_untrained(gm: nn.Module, trainable: set[str]) -> None:
+    """Freeze every parameter not in `trainable`.
+
+    The graph shares its parameters with the user's model; freezing those in place would freeze the
+    user's model too. Each frozen one becomes a new Parameter over the same storage (no copy), one per
+    original, so tied weights stay tied.
+    """
+    frozen: dict[int, nn.Parameter] = {}
+    for module_name, module in gm.named_modules():
+        for name, param in list(module._parameters.items()):
+            qualified = f"{module_name}.{name}" if module_name else name
+            if param is None:
+                continue
+            if qualified in trainable:
+                param.requires_grad_(True)
+                continue
+            if id(param) not in frozen:
+                frozen[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
+            module._parameters[name] = frozen[id(param)]

@@ -10,6 +10,7 @@ the op, and the model's train/eval mode is restored either way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import traceback
 from collections.abc import Callable, Iterator
@@ -45,20 +46,24 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> tor
     """Capture `model` as a GraphModule; `gm.meta["qgraph"]` holds its `CaptureInfo`."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"qgraph captures torch.nn.Module objects, got {type(model).__name__}")
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     model.eval()  # a compiled graph is captured without dropout; the backbone is frozen anyway
     try:
-        with _module_tracker(model) as tracker:
+        # torch.fx keeps the traced submodules themselves: trace a copy of the module tree (sharing
+        # the tensors) so that passes rewriting them never touch the user's modules
+        traced = model if _is_hf_model(model) or example_inputs is not None else _structural_copy(model)
+        with _module_tracker(traced) as tracker:
             try:
                 if _is_hf_model(model):
                     return _capture_hf(model, example_inputs)
-                return _capture_module(model, example_inputs)
+                return _capture_module(traced, example_inputs)
             except CaptureError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one clear error
-                raise CaptureError(_explain_failure(model, tracker, exc)) from exc
+                raise CaptureError(_explain_failure(traced, tracker, exc)) from exc
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo:
@@ -142,6 +147,17 @@ def _capture_module(model: nn.Module, example_inputs: tuple | dict | None) -> to
     gm.meta["qgraph"] = CaptureInfo(kind="module", input_names=names, example_inputs=dict(zip(names, args)),
                                     model_class=type(model).__name__)
     return gm
+
+
+def _structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree with its own attribute dicts (parameters, buffers, submodules,
+    hooks) but the same tensors: cheap, and safe to rewrite."""
+    clone = copy.copy(module)
+    clone.__dict__ = {key: (type(value)(value) if isinstance(value, dict) else value)
+                      for key, value in module.__dict__.items()}
+    clone._modules = {name: _structural_copy(child) if child is not None else None
+                      for name, child in module._modules.items()}
+    return clone
 
 
 # --- naming the module and op that failed -------------------------------------------------------------

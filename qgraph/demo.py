@@ -74,5 +74,6 @@ def _results_table(results: dict[str, float], qm: qgraph.QGraphModule) -> Table:
     if rewritten:
         before = sum(r.bytes_before for r in rewritten)
         after = sum(r.bytes_after for r in rewritten)
-        table.caption = f"rewritten weights {format_bytes(before)} -> {format_bytes(after)} ({before / after:.1f}x)"
+        table.caption = f"weights {format_bytes(before)} -> {format_bytes(after)} ({before / after:.1f}x)"
+        table.caption_justify = "left"
     return table

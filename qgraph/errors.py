@@ -35,4 +35,5 @@ def closest_first(name: str, choices: Iterable[str]) -> list[str]:
 
 def unknown_name_message(kind: str, name: str, choices: Iterable[str]) -> str:
     ordered = closest_first(name, choices)
-    return f"unknown {kind} {name!r}; valid {kind}s (closest first): {', '.join(ordered)}"
+    plural = kind + ("es" if kind.endswith("s") else "s")
+    return f"unknown {kind} {name!r}; valid {plural} (closest first): {', '.join(ordered)}"

@@ -76,7 +76,9 @@ def run_pipeline(
         result.report.seconds = time.perf_counter() - start
         reports.append(result.report)
         if spec.name in print_after:
-            (console or Console()).print(f"// ----- graph after {spec.name} -----\n{gm.code}")
+            # verbatim: graph code is full of [a, b] lists that rich would read as markup
+            (console or Console()).print(f"// ----- graph after {spec.name} -----\n{gm.code}",
+                                         markup=False, highlight=False, soft_wrap=True)
     return gm, reports
 
 

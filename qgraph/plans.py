@@ -37,6 +37,23 @@ PLANS: dict[str, Plan] = {
     for plan in (
         Plan("nf4", "every decoder linear to bitsandbytes NF4 (blocksize 64, double quantization); "
              "frozen, for inference or as a backbone", (PassConfig("quantize_nf4"),)),
+        Plan("lrqat-w4", "LR-QAT, 4-bit weights, one scale per output channel: decoder linears -> lrqat_linear "
+             "(Phi0 in Q4.4 fixed point, rank 32, alpha 1, lp range init); trains A, B and the scales",
+             (PassConfig("lrqat", {"bits": 4}),)),
+        Plan("lrqat-w4g128", "LR-QAT, 4-bit weights, one scale per 128 input columns (Q4.4 Phi0, rank 32); "
+             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 4, "group_size": 128}),)),
+        Plan("lrqat-w3", "LR-QAT, 3-bit weights, one scale per output channel (Phi0 in Q3.5 fixed point, "
+             "rank 32); trains A, B and the scales", (PassConfig("lrqat", {"bits": 3}),)),
+        Plan("lrqat-w3g128", "LR-QAT, 3-bit weights, one scale per 128 input columns (Q3.5 Phi0, rank 32); "
+             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 3, "group_size": 128}),)),
+        Plan("rtn-w4", "round-to-nearest 4-bit PTQ baseline, per output channel, lp range init: the lrqat_linear "
+             "of lrqat-w4 with nothing trained (A = 0, rank 1) and the codes stored int-packed, so exactly RTN",
+             (PassConfig("lrqat", {"bits": 4, "rank": 1, "phi_format": "int-packed",
+                                   "train_ab": False, "train_scale": False}),)),
+        Plan("peqa-w4", "PEQA-style baseline: 4-bit RTN integer weights frozen (int-packed), only the "
+             "per-channel scales trained (A = 0 and untrained, rank 1)",
+             (PassConfig("lrqat", {"bits": 4, "rank": 1, "phi_format": "int-packed",
+                                   "train_ab": False, "train_scale": True}),)),
     )
 }
 

@@ -1,0 +1,45 @@
+"""`finalize(qm)`: the deployable form of a trained LR-QAT module, every lrqat_linear folded to int4_linear."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from qgraph.module import QGraphModule
+from qgraph.pipeline import PassContext, run_pipeline
+from qgraph.plans import PassConfig, Plan
+from qgraph.report import TransformReport
+
+FOLD_PASS = "fold_lrqat"
+
+
+def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
+    """A new, frozen QGraphModule whose LR-QAT layers are plain b-bit integer weights and scales.
+
+    The fold runs through the pass pipeline (verified like any pass) on a deep copy of the graph, so
+    `qm` stays trainable and unchanged. Its output equals `qm`'s exactly (torch.equal) for the same
+    inputs. Plans without lrqat_linear come back as a frozen copy, with a note in the report.
+    """
+    from passes import get_pass
+
+    if not isinstance(qm, QGraphModule):
+        raise TypeError(f"finalize takes the QGraphModule that qgraph.transform returned, got {type(qm).__name__}")
+    # The capture info holds the original model (through its loss function) and its config: share it
+    # rather than copy a whole model. Every tensor of the graph module itself is copied.
+    with warnings.catch_warnings():
+        # torch's own pytree specs warn about a deprecated isinstance check of theirs when copied
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        gm = copy.deepcopy(qm.graph_module, {id(qm.info): qm.info})
+    spec = get_pass(FOLD_PASS)
+    context = PassContext(example_inputs=qm.info.example_inputs)
+    gm, fold_reports = run_pipeline(gm, [(spec, spec.options_type())], context)
+
+    plan = Plan(f"{qm.plan.name}+finalize",
+                f"{qm.plan.description}; then LR-QAT layers folded to int4_linear (frozen, deployable)",
+                (*qm.plan.passes, PassConfig(FOLD_PASS)))
+    report = TransformReport(plan.name, passes=[*qm.report.passes, *fold_reports],
+                             capture_seconds=qm.report.capture_seconds)
+    for param in gm.parameters():
+        param.requires_grad_(False)
+        report.frozen_params += param.numel()
+    return QGraphModule(gm, report, plan, qm.info, compile=compile)

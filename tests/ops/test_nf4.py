@@ -1,0 +1,206 @@
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qgraph.ops.nf4 import (
+    NF4Weight,
+    decode_nf4,
+    dequantize_nf4,
+    nf4_linear,
+    nf4_linear_from,
+    nf4_linear_reference,
+    quantize_nf4,
+)
+
+OP = torch.ops.qgraph.nf4_linear.default
+# half the widest gap between neighbouring NF4 levels (-1 and -0.6962): the worst rounding error per absmax
+NF4_MAX_ERROR = (1 - 0.6961928009986877) / 2 + 1e-6
+
+
+def weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+
+
+def decode(q: NF4Weight) -> torch.Tensor:
+    return decode_nf4(q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset,
+                      *q.shape, q.blocksize, q.nested_blocksize)
+
+
+def op_args(x, q: NF4Weight, bias=None) -> tuple:
+    return (x, q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset, bias,
+            q.shape[0], q.shape[1], q.blocksize, q.nested_blocksize)
+
+
+# --- storage -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantize_layout(double_quant):
+    q = quantize_nf4(weight(96, 128), 64, double_quant)
+    assert q.shape == (96, 128) and q.blocksize == 64
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == (96 * 128 // 2, 1)
+    assert q.code.shape == (16,) and q.code.dtype == torch.float32
+    assert q.absmax.numel() == 96 * 128 // 64
+    if double_quant:
+        assert q.absmax.dtype == torch.uint8
+        assert q.nested_blocksize == 256 and q.nested_absmax.numel() == 1 and q.nested_code.numel() == 256
+        assert q.offset.shape == ()
+    else:
+        assert q.absmax.dtype == torch.float32
+        assert q.nested_absmax is None and q.nested_code is None and q.offset is None and q.nested_blocksize == 0
+
+
+def test_weight_memory_is_half_a_byte_per_parameter_plus_constants():
+    n = 256 * 256
+    q = quantize_nf4(weight(256, 256), 64, double_quant=True)
+    # packed codes + uint8 absmax per 64 + fp32 nested absmax per 256 absmaxes + two code books + offset
+    assert q.nbytes() == n // 2 + n // 64 + 4 * (n // 64 // 256) + 4 * 16 + 4 * 256 + 4
+    assert q.nbytes() / n < 0.6
+    plain = quantize_nf4(weight(256, 256), 64, double_quant=False)
+    assert plain.nbytes() == n // 2 + 4 * n // 64 + 4 * 16
+    assert q.nbytes() < plain.nbytes()
+
+
+# --- the reference decode -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "blocksize"), [((64, 64), 64), ((128, 256), 64), ((128, 256), 128),
+                                                   ((32, 192), 64), ((3, 320), 64), ((16, 512), 256)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_decode_equals_bitsandbytes_dequantize(shape, blocksize, double_quant):
+    """Where in_features % blocksize == 0 (bitsandbytes' CPU kernel is only right there)."""
+    w = weight(*shape)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    q = quantize_nf4(w, blocksize, double_quant)
+    assert torch.equal(q.packed, packed)
+    assert torch.equal(decode(q), bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (8, 100), (64, 64), (7, 129)])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_decode_error_is_within_half_an_nf4_step(shape, blocksize):
+    """Blocks run over the flattened weight, straddling rows where in_features % blocksize != 0."""
+    w = weight(*shape, seed=1)
+    q = quantize_nf4(w, blocksize, double_quant=False)
+    flat = w.flatten()
+    padded = F.pad(flat, (0, -flat.numel() % blocksize))
+    absmax = padded.reshape(-1, blocksize).abs().amax(1)
+    assert torch.equal(q.absmax, absmax)
+    error = (decode(q).flatten() - flat).abs() / absmax.repeat_interleave(blocksize)[: flat.numel()]
+    assert error.max() <= NF4_MAX_ERROR
+    top = flat.abs().argmax()
+    assert decode(q).flatten()[top] == flat[top]  # a block's absmax element decodes exactly (level +-1)
+
+
+def test_dequantize_falls_back_to_the_exact_decode_where_bitsandbytes_is_wrong():
+    q = quantize_nf4(weight(40, 48), 64, double_quant=True)
+    args = (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset, *q.shape, q.blocksize,
+            q.nested_blocksize)
+    assert torch.equal(dequantize_nf4(*args), decode(q))
+
+
+# --- the op against its reference -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (64, 64), (96, 128), (24, 200)])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("x_lead", [(5,), (2, 3), (2, 1, 4)])
+def test_op_equals_reference(shape, double_quant, with_bias, x_lead):
+    out_features, in_features = shape
+    q = quantize_nf4(weight(*shape), 64, double_quant)
+    bias = torch.randn(out_features) if with_bias else None
+    x = torch.randn(*x_lead, in_features)
+    y = nf4_linear_from(x, q, bias)
+    assert y.shape == (*x_lead, out_features) and y.dtype == torch.float32
+    torch.testing.assert_close(y, nf4_linear_reference(x, q, bias), rtol=0, atol=1e-6)
+    torch.testing.assert_close(y, F.linear(x, decode(q), bias), rtol=0, atol=1e-6)
+
+
+def test_op_is_the_registered_custom_op():
+    q = quantize_nf4(weight(16, 64))
+    x = torch.randn(3, 64)
+    assert torch.equal(OP(*op_args(x, q)), nf4_linear(*op_args(x, q)))
+    assert torch.equal(OP(*op_args(x, q)), nf4_linear_from(x, q))
+
+
+def test_bf16_activations():
+    q = quantize_nf4(weight(32, 64))
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    bias = torch.randn(32)
+    y = nf4_linear_from(x, q, bias)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.linear(x, decode(q).bfloat16(), bias.bfloat16()))
+
+
+# --- autograd -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (64, 128)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_input_and_bias_gradients_match_reference_autograd(shape, double_quant):
+    q = quantize_nf4(weight(*shape), 64, double_quant)
+    x = torch.randn(2, 3, shape[1], requires_grad=True)
+    bias = torch.randn(shape[0], requires_grad=True)
+    grad_out = torch.randn(2, 3, shape[0])
+    nf4_linear_from(x, q, bias).backward(grad_out)
+    x_ref, bias_ref = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    nf4_linear_reference(x_ref, q, bias_ref).backward(grad_out)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bias.grad, bias_ref.grad, rtol=0, atol=1e-6)
+
+
+def test_only_bias_needs_grad():
+    q = quantize_nf4(weight(16, 64))
+    bias = torch.zeros(16, requires_grad=True)
+    nf4_linear_from(torch.randn(5, 64), q, bias).sum().backward()
+    assert torch.equal(bias.grad, torch.full((16,), 5.0))
+
+
+def test_gradcheck_float64():
+    """The weight is quantized from float32; the op casts the decoded weight to x's dtype."""
+    q = quantize_nf4(weight(40, 48), 64, double_quant=True)
+    assert q.code.dtype == torch.float32
+    x = torch.randn(3, 48, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    assert nf4_linear_from(x, q, bias).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x, b: nf4_linear_from(x, q, b), (x, bias))
+
+
+def test_gradcheck_float64_with_batch_dims():
+    q = quantize_nf4(weight(8, 64), 64, double_quant=False)
+    x = torch.randn(2, 3, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: nf4_linear_from(x, q), (x,), fast_mode=True)
+
+
+def test_backward_saves_no_dequantized_weight():
+    q = quantize_nf4(weight(64, 64))
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        nf4_linear_from(x, q)
+    assert all(t.numel() < 64 * 64 for t in saved)
+    assert not any(t.dtype.is_floating_point and t.shape == (64, 64) for t in saved)
+
+
+# --- fake kernel, opcheck -------------------------------------------------------------------------------
+
+
+def test_fake_kernel_shape_and_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = quantize_nf4(weight(40, 48))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(2, 7, 48, dtype=torch.bfloat16))
+        y = OP(*op_args(x, q))
+    assert y.shape == (2, 7, 40) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck(double_quant, with_bias):
+    q = quantize_nf4(weight(40, 48), 64, double_quant)
+    bias = torch.randn(40, requires_grad=True) if with_bias else None
+    x = torch.randn(3, 48, requires_grad=True)
+    torch.library.opcheck(OP, op_args(x, q, bias))
