@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -132,14 +131,3 @@ def test_init_scale_keeps_float64_and_promotes_bf16():
 def test_unknown_init_method_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown scale init method 'lp4'.*lp"):
         init_scale(torch.randn(4, 16), 4, -1, method="lp4")
-
-
-def test_lp_search_is_fast_on_a_smollm_sized_matrix():
-    torch.manual_seed(0)
-    w = torch.randn(576, 1536)
-    init_scale(w, 4, -1)  # warm-up: first-call allocator and thread-pool costs are not the search's
-    start = time.perf_counter()
-    s = init_scale(w, 4, -1)
-    elapsed = time.perf_counter() - start
-    assert s.shape == (576, 1)
-    assert elapsed < 1.0, f"lp range search took {elapsed:.2f} s"
