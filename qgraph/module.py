@@ -56,5 +56,14 @@ class QGraphModule(nn.Module):
                 f"input_ids shape {tuple(input_ids.shape)} is outside the captured range "
                 f"(batch 1..{MAX_BATCH}, seq 1..{self.info.max_seq_len}); split the batch or shorten the text")
 
+    def train(self, mode: bool = True) -> QGraphModule:
+        """Set train/eval mode on every submodule.
+
+        torch.export's unlifted module refuses train(); its graph was captured without dropout, so
+        the flag matters only to modules a pass placed in the graph, which read it as usual."""
+        for module in self.modules():
+            module.training = mode
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

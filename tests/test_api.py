@@ -31,6 +31,15 @@ def test_transform_returns_a_frozen_qgraph_module(llama_nf4):
     assert qm.report.frozen_params == sum(p.numel() for p in qm.parameters()) == 2 * 256 * 64 + 5 * 64
 
 
+def test_train_and_eval_set_every_submodule(tiny_llama, make_ids):
+    qm = qgraph.transform(tiny_llama, "nf4")
+    qm.eval()  # fresh objects from torch.export refuse .train(); QGraphModule sets the flag itself
+    assert not any(m.training for m in qm.modules())
+    assert qm.train() is qm and all(m.training for m in qm.modules())
+    ids = make_ids((2, 8), seed=3)
+    assert torch.isfinite(qm(input_ids=ids, labels=ids).loss)
+
+
 def test_report_names_every_site(llama_nf4):
     _, qm = llama_nf4
     sites = [f"model.layers.{layer}.{name}" for layer in range(2)
