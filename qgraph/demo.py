@@ -27,7 +27,10 @@ SEED = 0
 def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len: int, steps: int,
              batch_size: int, console: Console) -> dict[str, float]:
     plan_obj = get_plan(plan)
-    resolve_steps(plan_obj, options)  # a bad plan or option fails now, not after the model loads
+    # a bad plan or option, or steps for a plan with nothing to train, fails now, not after the load
+    steps_resolved = resolve_steps(plan_obj, options)
+    if steps and not any(_trains(options) for _, options in steps_resolved):
+        raise PlanError(f"plan {plan!r} has nothing to train; run it with --steps 0 or pick a training plan")
     torch.manual_seed(SEED)
     model, tokenizer = load_smollm2()
     train_text, heldout_text = train_heldout_split()
@@ -40,14 +43,12 @@ def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len:
     results[plan] = perplexity(_logits(qm), heldout, description=plan)
 
     if steps:
-        if not qm.trainable_parameters():
-            raise PlanError(f"plan {plan!r} has nothing to train; run it with --steps 0 or pick a training plan")
         train = token_blocks(train_text, tokenizer, block_len)
         optimizer = _optimizer(qm)
         train_causal_lm(qm, batches(train, batch_size, seed=SEED, steps=steps), optimizer,
                                      steps=steps, console=console, description=f"training {plan}")
         results[f"{plan} after {steps} steps"] = perplexity(_logits(qm), heldout, description="trained")
-    if hasattr(qgraph, "finalize") and any(p.name == "lrqat" for p in plan_obj.passes):
+    if _has_lrqat(plan_obj):
         deployable = qgraph.finalize(qm)
         results[f"{plan} finalized (int)"] = perplexity(_logits(deployable), heldout, description="finalized")
     console.print(_results_table(results, qm))
@@ -58,8 +59,16 @@ def _logits(model: torch.nn.Module):
     return lambda input_ids: model(input_ids=input_ids).logits
 
 
+def _trains(options: Any) -> bool:
+    return bool(getattr(options, "train_ab", False) or getattr(options, "train_scale", False))
+
+
+def _has_lrqat(plan: qgraph.Plan) -> bool:
+    return any(config.name == "lrqat" for config in plan.passes)
+
+
 def _optimizer(qm: qgraph.QGraphModule) -> torch.optim.Optimizer:
-    if hasattr(qgraph, "param_groups") and any(p.name == "lrqat" for p in qm.plan.passes):
+    if _has_lrqat(qm.plan):
         return torch.optim.AdamW(qgraph.param_groups(qm), betas=(0.9, 0.95), weight_decay=0.0)
     return torch.optim.AdamW(qm.trainable_parameters(), lr=1e-3, weight_decay=0.0)
 

@@ -42,10 +42,15 @@ class QGraphModule(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
         if labels is not None:
-            output.loss = self.info.loss_function(
-                logits=output.logits, labels=labels, vocab_size=self.info.config.vocab_size,
-                pooled_logits=output.logits, config=self.info.config, **loss_kwargs)
+            output.loss = self._loss(output.logits, labels, **loss_kwargs)
         return output
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, **loss_kwargs: Any) -> torch.Tensor:
+        """The original model's own loss function, called the way its forward calls it."""
+        if self.info.model_class.endswith("ForSequenceClassification"):
+            return self.info.loss_function(labels=labels, pooled_logits=logits, config=self.info.config)
+        return self.info.loss_function(logits=logits, labels=labels, vocab_size=self.info.config.vocab_size,
+                                       **loss_kwargs)
 
     def _check_shape(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:

@@ -13,21 +13,27 @@ from torch import nn
 
 def train_causal_lm(model: nn.Module, batches: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
                     *, steps: int, console: Console | None = None, description: str = "training") -> list[float]:
-    """Next-token training on `batches` of input_ids; returns the loss of every step."""
+    """Next-token training on `batches` of input_ids; returns the loss of every step.
+
+    The model trains in train mode and comes back in the mode it had, also when a step fails."""
+    was_training = model.training
     model.train()
-    losses = []
+    losses: list[float] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=steps, loss="-")
-        for input_ids in batches:
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at step {len(losses)}; lower the learning rate")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            progress.update(task, advance=1, loss=f"{loss.item():.3f}")
-    model.eval()
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(description, total=steps, loss="-")
+            for input_ids in batches:
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss became {value} at step {len(losses)}; lower the learning rate")
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(value)
+                progress.update(task, advance=1, loss=f"{value:.3f}")
+    finally:
+        model.train(was_training)
     return losses
