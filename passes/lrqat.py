@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from passes.quantize_nf4 import selected_sites
 from qgraph.errors import PassError
-from qgraph.graph import LinearSite
+from qgraph.graph import LinearSite, as_patterns
 from qgraph.ops.lrqat import phi0_from_weight
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.quant.downcast import PHI_FORMATS
@@ -67,16 +67,13 @@ class LRQATOptions:
         for name in ("train_ab", "train_scale", "per_channel_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        object.__setattr__(self, "include", _as_tuple(self.include))
-        object.__setattr__(self, "exclude", _as_tuple(self.exclude) or ())
+        object.__setattr__(self, "include", as_patterns(self.include))
+        object.__setattr__(self, "exclude", as_patterns(self.exclude) or ())
 
     @property
     def lora_scale(self) -> float:
         return self.alpha / self.rank
 
-
-def _as_tuple(patterns: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
-    return (patterns,) if isinstance(patterns, str) else (tuple(patterns) if patterns is not None else None)
 
 
 def _is_int(value: object) -> bool:

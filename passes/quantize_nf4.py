@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qgraph.graph import LinearSite, block_sites, linear_sites, select_sites
+from qgraph.graph import LinearSite, as_patterns, block_sites, linear_sites, select_sites
 from qgraph.ops.nf4 import quantize_nf4 as quantize_weight
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import REWRITTEN, SKIPPED, PassReport, SiteRecord
@@ -29,12 +29,9 @@ class NF4Options:
             raise ValueError(f"double_quant must be True or False, got {self.double_quant!r}")
         if self.blocksize not in BNB_BLOCKSIZES:
             raise ValueError(f"blocksize={self.blocksize} is not one bitsandbytes supports; use one of {BNB_BLOCKSIZES}")
-        object.__setattr__(self, "include", _as_tuple(self.include))
-        object.__setattr__(self, "exclude", _as_tuple(self.exclude) or ())
+        object.__setattr__(self, "include", as_patterns(self.include))
+        object.__setattr__(self, "exclude", as_patterns(self.exclude) or ())
 
-
-def _as_tuple(patterns: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
-    return (patterns,) if isinstance(patterns, str) else (tuple(patterns) if patterns is not None else None)
 
 
 def selected_sites(gm: fx.GraphModule, include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[LinearSite]:

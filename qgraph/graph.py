@@ -113,6 +113,11 @@ def _is_attr(node: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
+def as_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Glob option values as a tuple: one string is one pattern; None stays None (the default)."""
+    return (patterns,) if isinstance(patterns, str) else (tuple(patterns) if patterns is not None else None)
+
+
 def select_sites(
     sites: Iterable[LinearSite], include: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[LinearSite]:
