@@ -8,8 +8,9 @@ from qgraph.finalize import finalize
 from qgraph.module import QGraphModule
 from qgraph.optim import param_groups
 from qgraph.plans import Plan, plans
+from qgraph.side_io import load_side, save_side
 
 __all__ = [
     "CaptureError", "PassError", "Plan", "PlanError", "QGraphError", "QGraphModule", "VerificationError",
-    "capture", "finalize", "param_groups", "plans", "transform",
+    "capture", "finalize", "load_side", "param_groups", "plans", "save_side", "transform",
 ]

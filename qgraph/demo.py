@@ -1,7 +1,8 @@
 """`qgraph demo`: the main job on the real SmolLM2-135M model and the pydoc text.
 
 Load the model, score held-out perplexity, apply a plan, show what it did, train when the plan has
-something to train, score again (and after finalize for LR-QAT plans).
+something to train, score again (and after finalize for LR-QAT plans; QST plans also show a greedy
+continuation of a held-out prompt, decoded with the side network in the loop).
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import qgraph
 from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import PlanError
 from qgraph.evaluate import perplexity
+from qgraph.generate import generate
 from qgraph.models import load_smollm2
 from qgraph.plans import get_plan, resolve_steps
 from qgraph.train import train_causal_lm
 from qgraph.report import format_bytes
 
 SEED = 0
+SAMPLE_PROMPT_CHARS, SAMPLE_NEW_TOKENS = 200, 24
 
 
 def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len: int, steps: int,
@@ -48,6 +52,8 @@ def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len:
         train_causal_lm(qm, batches(train, batch_size, seed=SEED, steps=steps), optimizer,
                                      steps=steps, console=console, description=f"training {plan}")
         results[f"{plan} after {steps} steps"] = perplexity(_logits(qm), heldout, description="trained")
+    if _has_pass(plan_obj, "attach_side_taps"):
+        _show_sample(qm, tokenizer, heldout_text, console)
     if _has_lrqat(plan_obj):
         deployable = qgraph.finalize(qm)
         results[f"{plan} finalized (int)"] = perplexity(_logits(deployable), heldout, description="finalized")
@@ -60,11 +66,26 @@ def _logits(model: torch.nn.Module):
 
 
 def _trains(options: Any) -> bool:
-    return bool(getattr(options, "train_ab", False) or getattr(options, "train_scale", False))
+    # LR-QAT options say what trains; a pass that always trains (attach_side_taps) says `trains`
+    return any(bool(getattr(options, flag, False)) for flag in ("train_ab", "train_scale", "trains"))
 
 
 def _has_lrqat(plan: qgraph.Plan) -> bool:
-    return any(config.name == "lrqat" for config in plan.passes)
+    return _has_pass(plan, "lrqat")
+
+
+def _has_pass(plan: qgraph.Plan, name: str) -> bool:
+    return any(config.name == name for config in plan.passes)
+
+
+def _show_sample(qm: qgraph.QGraphModule, tokenizer: Any, text: str, console: Console) -> None:
+    """Greedy continuation of a held-out prompt, with the side network in the decoding loop."""
+    prompt = tokenizer(text[:SAMPLE_PROMPT_CHARS], return_tensors="pt").input_ids
+    ids = generate(qm, prompt, max_new_tokens=SAMPLE_NEW_TOKENS)
+    continuation = tokenizer.decode(ids[0, prompt.shape[1]:], skip_special_tokens=True)
+    # Text, not markup: pydoc text is full of [brackets] that rich would read as tags
+    console.print(Text.assemble(("sample", "bold"), " (greedy, side network in the loop): ",
+                                text[:SAMPLE_PROMPT_CHARS], (continuation, "cyan")))
 
 
 def _optimizer(qm: qgraph.QGraphModule) -> torch.optim.Optimizer:

@@ -1,0 +1,89 @@
+"""Token-by-token decoding through a captured graph: `qm.generate(input_ids, max_new_tokens=...)`.
+
+The captured graph has no KV cache (it takes input_ids and attention_mask only), so each step runs it
+on the whole sequence so far and reads the last position's logits. That is quadratic in length but
+exact: every plan's rewrites (a QST side network included) are in the loop as they are in training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qgraph.errors import QGraphError
+
+
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """input_ids (B, T) followed by up to `max_new_tokens` tokens each: (B, T + n).
+
+    Greedy unless `do_sample` (softmax of logits / temperature, optionally over the top_k only).
+    A row that produced `eos_token_id` gets `pad_token_id` (default: the eos id) after it; decoding
+    stops early once every row has. The model runs in eval mode and no_grad, and comes back in its mode.
+    """
+    _check_arguments(model, input_ids, max_new_tokens, temperature, top_k)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+                token = _pick(logits, do_sample, temperature, top_k, generator)
+                if eos_token_id is not None:
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                    finished |= token == eos_token_id
+                input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+                attention_mask = torch.cat([attention_mask, torch.ones_like(token[:, None])], dim=1)
+                if bool(finished.all()):
+                    break
+    finally:
+        model.train(was_training)
+    return input_ids
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
+          generator: torch.Generator | None) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _check_arguments(model: nn.Module, input_ids: Tensor, max_new_tokens: int, temperature: float,
+                     top_k: int | None) -> None:
+    info: Any = getattr(model, "info", None)
+    if info is not None and not str(info.model_class).endswith("ForCausalLM"):
+        raise QGraphError(f"generate needs a causal language model; this one is a {info.model_class} "
+                          "(call it for its logits instead)")
+    if input_ids.dim() != 2:
+        raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise QGraphError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    limit = getattr(info, "max_seq_len", None)
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise QGraphError(f"{input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
+                          f"{limit} positions the model was captured with; shorten the prompt or generate fewer")
+    if not temperature > 0:
+        raise QGraphError(f"temperature must be positive, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise QGraphError(f"top_k must be a positive integer or None, got {top_k!r}")

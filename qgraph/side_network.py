@@ -1,0 +1,197 @@
+"""The QST side network (Zhang et al., ACL 2024): a small decoder that reads the frozen backbone's
+hidden states and corrects its final hidden state.
+
+    h_g0 = down_0(h_f0)
+    h_gi = (1 - b_i) * down_i(h_fi) + b_i * block_i(h_g(i-1)),   b_i = sigmoid(gamma_i)
+    h    = a * h_head + (1 - a) * upsample(norm(h_gN))
+
+It is an ordinary nn.Module that `attach_side_taps` places in the captured graph with call_module, so
+train()/eval(), state_dict and optimizers see it as usual. Nothing in it knows a model family: its
+sizes come from the backbone's hidden and FFN widths divided by r. Every block is one pre-norm
+decoder block (RMSNorm, causal self-attention with rotary positions, SwiGLU MLP), whatever the
+backbone's family, so one side network serves Llama, Qwen2, Mistral and GPT-2 backbones alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SIDE_MODULE = "qst_side"  # the side network's attribute on the GraphModule (and its parameters' prefix)
+DOWNSAMPLE_KINDS = ("adapter", "lora", "linear", "maxpool", "avgpool")
+ROPE_THETA = 10000.0
+NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class SideConfig:
+    """Every size of a side network: what save/load compares to refuse a mismatched checkpoint."""
+
+    backbone_width: int  # d: the backbone's hidden size
+    width: int  # d / r
+    ffn_width: int  # the backbone's FFN width / r
+    heads: int
+    blocks: int  # one per tapped backbone layer (the embedding tap has a downsample, no block)
+    downsample: str = "adapter"
+    adapter_rank: int = 16
+
+    def __post_init__(self) -> None:
+        if self.downsample not in DOWNSAMPLE_KINDS:
+            raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_KINDS)}, got {self.downsample!r}")
+        if self.width < 1 or self.backbone_width % self.width:
+            raise ValueError(f"side width {self.width} must divide the backbone width {self.backbone_width}")
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"{self.heads} heads need a side width ({self.width}) that splits into heads of even "
+                             "size (rotary positions rotate pairs of features)")
+
+    @property
+    def reduction(self) -> int:
+        return self.backbone_width // self.width
+
+
+# --- downsamples: d -> d / r -----------------------------------------------------------------------------
+
+
+class Pool(nn.Module):
+    """Parameter-free: the max or mean of each run of r adjacent features."""
+
+    def __init__(self, reduction: int, kind: str) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = x.unflatten(-1, (-1, self.reduction))
+        return groups.amax(-1) if self.kind == "maxpool" else groups.mean(-1)
+
+
+def make_downsample(config: SideConfig) -> nn.Module:
+    d, width, rank = config.backbone_width, config.width, config.adapter_rank
+    if config.downsample == "adapter":
+        return nn.Sequential(nn.Linear(d, rank), nn.SiLU(), nn.Linear(rank, width), nn.LayerNorm(width))
+    if config.downsample == "lora":
+        return nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, width, bias=False))
+    if config.downsample == "linear":
+        return nn.Linear(d, width)
+    return Pool(config.reduction, config.downsample)
+
+
+# --- one side block ----------------------------------------------------------------------------------------
+
+
+def rotate(x: Tensor, positions: Tensor, theta: float = ROPE_THETA) -> Tensor:
+    """Rotary position embedding of x (B, heads, T, head_dim) at integer positions (B, T)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** -(torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # (B, 1, T, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class SideAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = rotate(q, positions), rotate(k, positions)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.out(y.transpose(1, 2).flatten(-2))
+
+
+class SideMLP(nn.Module):
+    def __init__(self, width: int, ffn_width: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * ffn_width, bias=False)
+        self.down = nn.Linear(ffn_width, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class SideBlock(nn.Module):
+    def __init__(self, config: SideConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.width, eps=NORM_EPS)
+        self.attn = SideAttention(config.width, config.heads)
+        self.mlp_norm = nn.RMSNorm(config.width, eps=NORM_EPS)
+        self.mlp = SideMLP(config.width, config.ffn_width)
+
+    def forward(self, x: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, allowed)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# --- masks and positions ---------------------------------------------------------------------------------
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Each token's index among the real tokens of its row: padding never shifts a real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_allowed(mask: Tensor) -> Tensor:
+    """(B, 1, T, T) bool: query t sees key s <= t that is a real token, and always itself.
+
+    Seeing itself keeps a padding query's row from being all-masked, which would make softmax NaN
+    and carry the NaN into later layers through the values of that position.
+    """
+    seq = mask.shape[-1]
+    index = torch.arange(seq, device=mask.device)
+    causal = index[None, :] <= index[:, None]
+    allowed = causal[None] & mask.bool()[:, None, :]
+    return (allowed | torch.eye(seq, dtype=torch.bool, device=mask.device)[None])[:, None]
+
+
+# --- the network -------------------------------------------------------------------------------------------
+
+
+class SideNetwork(nn.Module):
+    """forward(head_input, attention_mask, h_f0, ..., h_fN) -> the head's new input.
+
+    `a` starts at 1, so at step 0 the output is head_input exactly (1 * h + 0 * anything == h for
+    finite values): the transformed model starts as the backbone, as the paper intends. With a = 1
+    the side network's own gradients are zero (they are scaled by 1 - a), but a's gradient,
+    sum(dL/dh * (h_head - upsample(...))), is not: the first Adam step moves a off 1 by about the
+    learning rate whatever that gradient's size, and from then on every side parameter gets a
+    gradient. Adam makes no update from the all-zero first gradients (its moments stay zero).
+    """
+
+    def __init__(self, config: SideConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.downsamples = nn.ModuleList(make_downsample(config) for _ in range(config.blocks + 1))
+        self.blocks = nn.ModuleList(SideBlock(config) for _ in range(config.blocks))
+        # gamma = 0: each gate starts halfway between the backbone's tap and the side block's output
+        self.gates = nn.Parameter(torch.zeros(config.blocks))
+        self.norm = nn.RMSNorm(config.width, eps=NORM_EPS)
+        self.upsample = nn.Linear(config.width, config.backbone_width)
+        self.mix = nn.Parameter(torch.ones(()))
+
+    def side_output(self, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
+        """upsample(norm(h_gN)) from the backbone's taps (B, T, d), in the side network's dtype."""
+        if len(taps) != self.config.blocks + 1:
+            raise ValueError(f"the side network reads {self.config.blocks + 1} taps, got {len(taps)}")
+        dtype = self.upsample.weight.dtype
+        if attention_mask is None:
+            attention_mask = torch.ones(taps[0].shape[:2], dtype=torch.long, device=taps[0].device)
+        positions = positions_from_mask(attention_mask)
+        allowed = attention_allowed(attention_mask)
+        h = self.downsamples[0](taps[0].to(dtype))
+        gates = torch.sigmoid(self.gates)
+        for i, block in enumerate(self.blocks):
+            down = self.downsamples[i + 1](taps[i + 1].to(dtype))
+            h = (1 - gates[i]) * down + gates[i] * block(h, positions, allowed)
+        return self.upsample(self.norm(h))
+
+    def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
+        side = self.side_output(attention_mask, *taps).to(head_input.dtype)
+        return self.mix * head_input + (1 - self.mix) * side
