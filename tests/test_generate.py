@@ -1,0 +1,123 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qgraph
+from qgraph.errors import QGraphError
+from qgraph.generate import generate
+from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
+from qgraph.ops.nf4 import decode_nf4, quantize_nf4
+from qgraph.side_io import side_network
+from tests.conftest import random_ids
+
+
+@pytest.fixture(scope="module")
+def model_and_qst():
+    """A tiny Llama and its qst-nf4 module with a side network trained a few steps (so it matters)."""
+    model = tiny_causal_lm("llama", layers=2)
+    qm = qgraph.transform(model, "qst-nf4", r=4)
+    optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=3e-2)
+    ids = random_ids((4, 24), seed=0)
+    for _ in range(10):
+        qm(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    qm.eval()
+    assert side_network(qm).mix.item() < 0.9
+    return model, qm
+
+
+def nf4_decoded(weight: torch.Tensor) -> torch.Tensor:
+    q = quantize_nf4(weight)
+    return decode_nf4(q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset, *q.shape,
+                      q.blocksize, q.nested_blocksize)
+
+
+def eager_qst(model: nn.Module, side: nn.Module) -> nn.Module:
+    """The Hugging Face model itself, run eagerly: decoder weights NF4-decoded, the side network fed by
+    forward hooks and its output put in place of lm_head's input. Shares nothing with the graph but
+    the side network."""
+    ref = copy.deepcopy(model)
+    for name, module in ref.named_modules():
+        if isinstance(module, nn.Linear) and ".layers." in name:
+            module.weight.data = nf4_decoded(module.weight.data)
+    taps: list[torch.Tensor] = []
+    mask: dict[str, torch.Tensor] = {}
+
+    def hidden(output):
+        return output[0] if isinstance(output, tuple) else output
+
+    ref.model.embed_tokens.register_forward_hook(lambda m, a, out: (taps.clear(), taps.append(out)) and None)
+    for layer in ref.model.layers:
+        layer.register_forward_hook(lambda m, a, out: taps.append(hidden(out)) and None)
+    ref.register_forward_pre_hook(lambda m, a, kw: mask.update(m=kw.get("attention_mask")) and None, with_kwargs=True)
+    ref.lm_head.register_forward_pre_hook(lambda m, args: (side(args[0], mask["m"], *taps),))
+    ref.generation_config.eos_token_id = None
+    return ref
+
+
+def test_greedy_generation_matches_hugging_face_generate_on_the_eager_model(model_and_qst):
+    model, qm = model_and_qst
+    prompt = random_ids((2, 6), seed=1)
+    ours = qm.generate(prompt, max_new_tokens=10)
+    ref = eager_qst(model, side_network(qm))
+    with torch.no_grad():
+        theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                              use_cache=False, pad_token_id=0)
+        # the same numbers, not only the same argmax
+        torch.testing.assert_close(ref(input_ids=ours, use_cache=False).logits, qm(input_ids=ours).logits,
+                                   rtol=1e-4, atol=1e-4)
+    assert ours.shape == (2, 16)
+    assert torch.equal(ours, theirs)
+    # the side network changes what is generated: the backbone alone decodes otherwise
+    assert not torch.equal(ours, qgraph.transform(model, "nf4").generate(prompt, max_new_tokens=10))
+
+
+def test_greedy_is_an_argmax_loop_over_forward(model_and_qst):
+    _, qm = model_and_qst
+    ids = random_ids((3, 5), seed=2)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(4):
+            expected = torch.cat([expected, qm(input_ids=expected).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generate(qm, ids, max_new_tokens=4), expected)
+
+
+def test_rows_stop_at_eos_and_are_padded(model_and_qst):
+    _, qm = model_and_qst
+    ids = random_ids((2, 5), seed=3)
+    free = qm.generate(ids, max_new_tokens=6)
+    eos = int(free[0, 6])  # row 0's second new token: make it the end of sequence
+    out = qm.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out[0, :7], free[0, :7]) and (out[0, 7:] == 0).all()
+    assert out.shape[1] <= free.shape[1]
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(model_and_qst):
+    _, qm = model_and_qst
+    ids = random_ids((2, 5), seed=4)
+    a = qm.generate(ids, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(0))
+    b = qm.generate(ids, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert torch.equal(qm.generate(ids, max_new_tokens=5, do_sample=True, top_k=1), qm.generate(ids, max_new_tokens=5))
+
+
+def test_mode_is_restored(model_and_qst):
+    _, qm = model_and_qst
+    qm.train()
+    qm.generate(random_ids((1, 4)), max_new_tokens=1)
+    assert qm.training and side_network(qm).training
+    qm.eval()
+
+
+def test_errors(model_and_qst):
+    _, qm = model_and_qst
+    with pytest.raises(QGraphError, match="exceed the 512 positions"):
+        qm.generate(random_ids((1, 510)), max_new_tokens=5)
+    with pytest.raises(QGraphError, match="temperature must be positive"):
+        qm.generate(random_ids((1, 4)), max_new_tokens=1, do_sample=True, temperature=0)
+    classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1), "nf4")
+    with pytest.raises(QGraphError, match="generate needs a causal language model; this one is a LlamaForSequence"):
+        classifier.generate(random_ids((1, 4)), max_new_tokens=1)
