@@ -22,6 +22,7 @@ from torch import nn
 from torch.export import Dim
 
 from qgraph.errors import CaptureError
+from qgraph.loss import LMHead
 
 MAX_BATCH = 64
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 16  # > 1 so export does not specialise the dims to 0/1
@@ -40,6 +41,7 @@ class CaptureInfo:
     config: Any = None  # the HF config, for loss functions and output shapes
     loss_function: Callable | None = None  # the model's own loss (HF), given logits and labels
     max_seq_len: int | None = None
+    lm_head: LMHead | None = None  # set when a pass moved the LM head out of the graph (chunk_lm_loss)
 
 
 def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.fx.GraphModule:

@@ -1,0 +1,109 @@
+"""The causal-LM loss computed in chunks of tokens, fused with the LM head.
+
+A model's logits are (batch, seq, vocab): for SmolLM2 at batch 4 x 256 that is 201 MB in fp32, and
+the loss keeps about three such tensors alive around the start of backward (logits, log-softmax,
+their gradient). Once the decoder is checkpointed and quantized they are most of the training peak.
+`linear_cross_entropy` never holds more than one chunk of logits: it computes each chunk's loss and,
+in the same sweep, its gradient with respect to the hidden states (and the head's weight and bias
+when they train), so backward only scales what forward stored, (tokens, hidden) in size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100  # the label Hugging Face losses skip
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """Where the graph's LM head lives once the `chunk_lm_loss` pass moved it out of the graph."""
+
+    weight: str  # qualified attribute name on the graph module
+    bias: str | None
+    chunk_tokens: int
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    chunk_tokens: int = 256,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Hugging Face's causal-LM loss of `hidden @ weight.T + bias` against `labels`, chunked.
+
+    Token t predicts label t + 1; labels equal to -100 are skipped; the sum is divided by the
+    number of counted tokens, or by `num_items_in_batch` when the trainer passes it (gradient
+    accumulation), exactly as `transformers.loss.loss_utils.ForCausalLMLoss` does.
+    """
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    total = _ChunkedLinearCrossEntropy.apply(flat, weight, bias, shifted, chunk_tokens)
+    if num_items_in_batch is None:
+        return total / (shifted != IGNORE_INDEX).sum()
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   labels: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: the whole logits tensor, then cross-entropy (what the tests compare against)."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of a linear layer's output; gradients computed during forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):  # noqa: ANN001 - autograd signature
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # at least float32, as Hugging Face's loss upcasts logits (float64 stays float64)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias else None
+        total = hidden.new_zeros((), dtype=dtype)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            x, y = hidden[rows], targets[rows]
+            logits = F.linear(x, weight, bias).to(dtype)
+            counted = y != IGNORE_INDEX
+            safe_y = torch.where(counted, y, 0)
+            log_z = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total = total + ((log_z - picked) * counted).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            # d(sum CE)/d logits = softmax - one_hot(target), zero on skipped rows; built in place
+            grad_logits = logits.sub_(log_z[:, None]).exp_()
+            grad_logits[torch.arange(len(y)), safe_y] -= 1.0
+            grad_logits.mul_(counted[:, None])
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ x.to(dtype)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, _cast(grad_weight, weight), _cast(grad_bias, bias))
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):  # noqa: ANN001 - autograd signature
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else grad.to(like.dtype)

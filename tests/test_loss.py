@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from qgraph.loss import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
+
+
+def case(dtype=torch.float32, batch=2, seq=7, hidden=16, vocab=50, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, seq, hidden, generator=g, dtype=dtype)
+    w = torch.randn(vocab, hidden, generator=g, dtype=dtype) / hidden**0.5
+    b = torch.randn(vocab, generator=g, dtype=dtype) if bias else None
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[0, :2] = IGNORE_INDEX  # a padded prefix
+    return h, w, b, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])  # ragged chunks, one chunk, more chunk than tokens
+def test_loss_equals_reference(chunk):
+    h, w, b, labels = case()
+    got = linear_cross_entropy(h, w, b, labels, chunk_tokens=chunk)
+    torch.testing.assert_close(got, linear_cross_entropy_reference(h, w, b, labels))
+
+
+def test_gradients_equal_reference_for_hidden_weight_and_bias():
+    h, w, b, labels = case()
+    ours = [t.clone().requires_grad_() for t in (h, w, b)]
+    ref = [t.clone().requires_grad_() for t in (h, w, b)]
+    linear_cross_entropy(*ours, labels, chunk_tokens=4).backward()
+    linear_cross_entropy_reference(*ref, labels).backward()
+    for a, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(bias):
+    h, w, b, labels = case(torch.float64, batch=2, seq=5, hidden=6, vocab=11, bias=bias)
+    inputs = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_() if bias else None)
+    assert torch.autograd.gradcheck(
+        lambda hh, ww, bb: linear_cross_entropy(hh, ww, bb, labels, chunk_tokens=3), inputs)
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_does():
+    h, w, b, labels = case()
+    h.requires_grad_()
+    linear_cross_entropy(h, w, b, labels, chunk_tokens=4).backward()
+    assert h.grad is not None and w.grad is None and b.grad is None
+
+
+def test_num_items_in_batch_divides_the_sum_as_huggingface_does():
+    h, w, b, labels = case()
+    logits = F.linear(h, w, b)
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum") / 40
+    torch.testing.assert_close(linear_cross_entropy(h, w, b, labels, chunk_tokens=4, num_items_in_batch=40), expected)
+
+
+def test_nothing_vocab_sized_is_saved_for_backward():
+    h, w, b, labels = case(seq=32, hidden=8, vocab=1000)
+    h.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = linear_cross_entropy(h, w, b, labels, chunk_tokens=8)
+    assert saved and all(1000 not in shape for shape in saved), saved
+    loss.backward()
