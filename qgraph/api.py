@@ -13,7 +13,7 @@ from qgraph.capture import capture, capture_info
 from qgraph.errors import PlanError, unknown_name_message
 from qgraph.module import QGraphModule
 from qgraph.pipeline import PassContext, run_pipeline
-from qgraph.plans import Plan, get_plan, resolve_steps
+from qgraph.plans import Plan, get_plan, resolve_steps, with_checkpoint
 from qgraph.report import TransformReport
 
 
@@ -34,17 +34,18 @@ def transform(
     Every plan, option and pass name is checked before the model is captured, so a typo changes
     nothing. The result shares the model's unquantized tensors (no copy) and freezes every
     parameter a pass did not mark trainable.
+
+    checkpoint: None keeps the plan's activation checkpoints (the training plans recompute every
+    decoder block in backward); "none" removes them; "blocks" makes each block a region;
+    {"every": k, ...} one region per k blocks (any insert_checkpoints option). compile=True runs the
+    graph through torch.compile (dynamic shapes: batch and sequence length vary without recompiling).
     """
-    plan = get_plan(plan)
+    plan = with_checkpoint(get_plan(plan), checkpoint)
     steps = resolve_steps(plan, options)
     pass_names = [spec.name for spec, _ in steps]
     for name in (*skip, *print_after):
         if name not in pass_names:
             raise PlanError(unknown_name_message("pass", name, pass_names) + f" (plan {plan.name!r})")
-    if checkpoint not in (None, "none"):
-        raise PlanError(
-            f"checkpoint={checkpoint!r}: activation-checkpoint boundaries need the insert_checkpoints pass, "
-            "which this version of qgraph does not have yet; use checkpoint=None")
 
     start = time.perf_counter()
     gm = capture(model, example_inputs)

@@ -7,7 +7,7 @@ import warnings
 
 from qgraph.module import QGraphModule
 from qgraph.pipeline import PassContext, run_pipeline
-from qgraph.plans import PassConfig, Plan
+from qgraph.plans import CHECKPOINT_PASS, PassConfig, Plan, with_checkpoint
 from qgraph.report import TransformReport
 
 FOLD_PASS = "fold_lrqat"
@@ -21,6 +21,7 @@ def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
     inputs. Plans without lrqat_linear come back as a frozen copy, with a note in the report.
     """
     from passes import get_pass
+    from passes.insert_checkpoints import inline_checkpoints
 
     if not isinstance(qm, QGraphModule):
         raise TypeError(f"finalize takes the QGraphModule that qgraph.transform returned, got {type(qm).__name__}")
@@ -30,14 +31,18 @@ def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
         # torch's own pytree specs warn about a deprecated isinstance check of theirs when copied
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         gm = copy.deepcopy(qm.graph_module, {id(qm.info): qm.info})
+    # deployment recomputes nothing; and the fold reads each lrqat_linear's weights as module attributes
+    inline_checkpoints(gm)
     spec = get_pass(FOLD_PASS)
     context = PassContext(example_inputs=qm.info.example_inputs)
     gm, fold_reports = run_pipeline(gm, [(spec, spec.options_type())], context)
 
+    trained = with_checkpoint(qm.plan, "none")  # the deployable graph has no checkpoint regions left
     plan = Plan(f"{qm.plan.name}+finalize",
                 f"{qm.plan.description}; then LR-QAT layers folded to int4_linear (frozen, deployable)",
-                (*qm.plan.passes, PassConfig(FOLD_PASS)))
-    report = TransformReport(plan.name, passes=[*qm.report.passes, *fold_reports],
+                (*trained.passes, PassConfig(FOLD_PASS)))
+    kept = [r for r in qm.report.passes if r.name != CHECKPOINT_PASS]
+    report = TransformReport(plan.name, passes=[*kept, *fold_reports],
                              capture_seconds=qm.report.capture_seconds)
     for param in gm.parameters():
         param.requires_grad_(False)

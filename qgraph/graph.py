@@ -10,8 +10,12 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import operator
+from typing import Any
+
 import networkx as nx
 import torch
+import torch.utils.checkpoint
 from torch import fx, nn
 
 aten = torch.ops.aten
@@ -280,10 +284,66 @@ def _color(target: str) -> str:
 
 
 def count_ops(gm: fx.GraphModule) -> dict[object, int]:
-    """Node count per op (`torch.ops.qgraph.nf4_linear`, overloads merged): what structure tests compare."""
+    """Node count per op (`torch.ops.qgraph.nf4_linear`, overloads merged): what structure tests compare.
+
+    Ops inside checkpoint regions count too: a region changes when values are kept, not what runs."""
     counts: dict[object, int] = {}
-    for node in gm.graph.nodes:
+    for node in flat_graph(gm).nodes:
         if node.op == "call_function":
             op = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
             counts[op] = counts.get(op, 0) + 1
     return counts
+
+
+# --- checkpoint regions (insert_checkpoints) -------------------------------------------------------------
+
+CHECKPOINT = torch.utils.checkpoint.checkpoint
+
+
+def checkpointed_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module `node` runs through torch.utils.checkpoint (an outlined region or a whole module), else None."""
+    if node.op != "call_function" or node.target is not CHECKPOINT or not node.args:
+        return None
+    callee = node.args[0]
+    if not isinstance(callee, fx.Node) or callee.op != "get_attr":
+        return None
+    value = get_attr_tensor(gm, str(callee.target))
+    return value if isinstance(value, nn.Module) else None
+
+
+def flat_graph(gm: fx.GraphModule) -> fx.Graph:
+    """`gm`'s graph with every checkpoint region inlined: the whole program as one graph.
+
+    What queries read (count_ops, optimizer groups, folding): nodes are copies, and their get_attr
+    targets name `gm`'s own tensors, so `get_attr_tensor(gm, node.target)` reads the real ones. A
+    module checkpointed whole comes back as the call_module it was.
+    """
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = gm.graph._codegen  # the exported module's pytree calling convention
+    graph.output(_inline(graph, gm, gm.graph, {}))
+    return graph
+
+
+def _inline(dest: fx.Graph, gm: fx.GraphModule, graph: fx.Graph, env: dict[fx.Node, Any]) -> Any:
+    """Copy `graph`'s nodes into `dest` (its placeholders already in `env` are inputs); return its output."""
+    for node in graph.nodes:
+        if node in env:
+            continue
+        if node.op == "output":
+            return fx.map_arg(node.args[0], lambda arg: env[arg])
+        callee = checkpointed_module(gm, node)
+        if node.op == "get_attr" and node.users and all(checkpointed_module(gm, u) is not None and u.args[0] is node
+                                                          for u in node.users):
+            continue  # the region object itself: gone once its body is inlined
+        if isinstance(callee, fx.GraphModule):
+            args = [fx.map_arg(a, lambda arg: env[arg]) for a in node.args[1:]]
+            placeholders = [n for n in callee.graph.nodes if n.op == "placeholder"]
+            env[node] = _inline(dest, gm, callee.graph, dict(zip(placeholders, args, strict=True)))
+        elif callee is not None:
+            env[node] = dest.call_module(str(node.args[0].target), fx.map_arg(node.args[1:], lambda arg: env[arg]))
+            env[node].meta = dict(node.meta)
+        elif node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+            env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined region
+        else:
+            env[node] = dest.node_copy(node, lambda arg: env[arg])
+    raise ValueError("graph has no output node")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from qgraph.errors import QGraphError
-from qgraph.graph import get_attr_tensor
+from qgraph.graph import flat_graph, get_attr_tensor
 
 # The paper (Bondarenko et al. 2024): AdamW, beta2 0.95, lr 1e-3 for A and B and 1e-5 for s, no weight decay.
 BETAS = (0.9, 0.95)
@@ -46,7 +46,7 @@ def _lrqat_parameters(gm: torch.fx.GraphModule) -> tuple[list[nn.Parameter], lis
     """(A and B, scales) that require grad, read off the lrqat_linear nodes (args 2, 3 and 4)."""
     ab: dict[int, nn.Parameter] = {}
     scales: dict[int, nn.Parameter] = {}
-    for node in gm.graph.nodes:
+    for node in flat_graph(gm).nodes:  # ops inside checkpoint regions too
         if node.op != "call_function" or node.target != torch.ops.qgraph.lrqat_linear.default:
             continue
         for index, bucket in ((2, ab), (3, ab), (4, scales)):

@@ -107,7 +107,16 @@ BAD_CALLS = {
     "bad blocksize": ({"blocksize": 100}, "blocksize=100 is not one bitsandbytes supports; use one of (64, 128,"),
     "unknown skip": ({"skip": ["quantize_nf5"]}, "(closest first): quantize_nf4 (plan 'nf4')"),
     "unknown print_after": ({"print_after": ["quantize"]}, "unknown pass 'quantize'; valid pass"),
-    "checkpoint": ({"checkpoint": "layers"}, "checkpoint='layers': activation-checkpoint boundaries need"),
+    "checkpoint": ({"checkpoint": "layers"}, "checkpoint='layers' is not valid: unknown checkpoint value 'layers'; "
+                   "valid checkpoint values (closest first): "),
+    "checkpoint type": ({"checkpoint": 2}, 'checkpoint=2 is not valid: use one of "blocks" (a region per decoder '
+                        'block), "none" (no checkpoints), {"every": k}'),
+    "checkpoint option": ({"checkpoint": {"evry": 2}}, "checkpoint={'evry': 2}: unknown option 'evry'; valid "
+                          "options (closest first): every, "),
+    "checkpoint every": ({"checkpoint": {"every": 0}}, "every must be a positive integer (blocks per checkpoint "
+                         "region), got 0"),
+    "checkpoint skip": ({"plan": "lrqat-w4", "checkpoint": "none", "skip": ["insert_checkpoints"]},
+                        "unknown pass 'insert_checkpoints'; valid passes (closest first): lrqat"),
 }
 
 

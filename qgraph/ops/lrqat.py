@@ -232,6 +232,39 @@ def _backward(ctx, grad_out):
 lrqat_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def lrqat_linear_compiled(x: Tensor, phi0: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
+                          bias: Optional[Tensor], bits: int, group_size: int, lora_scale: float,
+                          phi_format: str) -> Tensor:
+    """lrqat_linear's forward as inductor compiles it: plain ops, which it fuses into one weight kernel
+    (dequantize Phi0, add the low-rank product, round, clamp, scale) between two matmuls.
+
+    Registered as a decomposition below autograd, so the op's own backward (which rebuilds the weight)
+    still applies and nothing weight-sized is saved. Z is formed as phi^-1(Phi0) + (c A) @ B, not as
+    the backward forms it, phi^-1(Phi0) + c (A @ B): AOTAutograd merges identical expressions of the
+    forward and the backward, and an A @ B shared with the backward would be saved for it (the
+    partitioner never recomputes a matmul). Scaling the small A first is exact when c is a power of two
+    (alpha 1, rank 32), and otherwise differs from eager by a rounding of c * A.
+    """
+    qmin, qmax = grid_bounds(bits)
+    dtype = weight_dtype(scale)
+    z = upcast(phi0, phi_format, bits, lora_b.shape[1], dtype) + (lora_scale * lora_a.to(dtype)) @ lora_b.to(dtype)
+    w_int = z.round().clamp(qmin, qmax)
+    return F.linear(x, dequantized_weight(w_int, scale, group_size, x.dtype), bias)
+
+
+def register_inductor_decomposition() -> None:
+    """Let inductor compile lrqat_linear from `lrqat_linear_compiled` (idempotent).
+
+    Only inductor's table: eager, torch.export and dynamo's graph keep the single op node. Not done at
+    import, since importing inductor costs seconds; QGraphModule(compile=True) calls it, and so should
+    code that compiles a graph with lrqat_linear by other means."""
+    from torch._inductor.decomposition import decompositions, register_decomposition
+
+    op = torch.ops.qgraph.lrqat_linear.default
+    if op not in decompositions:
+        register_decomposition(op)(lrqat_linear_compiled)
+
+
 def lrqat_linear_reference(
     x: Tensor,
     phi0: Tensor,

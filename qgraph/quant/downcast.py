@@ -105,8 +105,10 @@ def unpack_int4(packed: Tensor, in_features: int) -> Tensor:
             f"packed codes have {packed.shape[-1]} bytes per row, expected {(in_features + 1) // 2} "
             f"for in_features={in_features}"
         )
-    wide = packed.to(torch.int16)
-    nibbles = torch.stack((wide & 0xF, wide >> 4), dim=-1).flatten(-2)[..., :in_features]
+    # low nibble first: shifting each byte by (0, 4) is elementwise, which a compiler recomputes from the
+    # packed bytes rather than keeping the unpacked codes for the backward pass
+    shifts = 4 * torch.arange(2, dtype=torch.int16, device=packed.device)
+    nibbles = ((packed.to(torch.int16).unsqueeze(-1) >> shifts) & 0xF).flatten(-2)[..., :in_features]
     # (n ^ 8) - 8 sign-extends a 4-bit two's complement nibble.
     return ((nibbles ^ 8) - 8).to(torch.int8)
 

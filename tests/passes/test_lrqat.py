@@ -8,7 +8,7 @@ import qgraph
 from passes.lrqat import LORA_A, LORA_B, PHI0, SCALE, LRQATOptions, lrqat
 from qgraph.capture import capture, capture_info
 from qgraph.errors import PassError, PlanError, QGraphError
-from qgraph.graph import count_ops, get_attr_tensor
+from qgraph.graph import count_ops, flat_graph, get_attr_tensor
 from qgraph.models import tiny_causal_lm
 from qgraph.ops.lrqat import rebuild_weight
 from qgraph.pipeline import PassContext
@@ -31,7 +31,9 @@ def logits(qm, x):
 
 
 def lrqat_nodes(qm):
-    return [n for n in qm.graph_module.graph.nodes if n.op == "call_function" and n.target == LRQAT.default]
+    """Inside checkpoint regions too (the lrqat plans checkpoint every block): copies whose get_attr
+    arguments name the module's own tensors."""
+    return [n for n in flat_graph(qm.graph_module).nodes if n.op == "call_function" and n.target == LRQAT.default]
 
 
 def node_tensors(qm, node):
