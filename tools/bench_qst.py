@@ -1,0 +1,105 @@
+"""QST (plan qst-nf4) against QLoRA and its other peers on SmolLM2-135M: peak memory by category,
+step time, held-out perplexity after the same steps on the same batches.
+
+Every configuration runs in its own process (so peak RSS is its own):
+    python tools/bench_qst.py --steps 200 --out out/bench_qst
+writes results.json, results.md (the README table) and memory_time.png. One configuration alone:
+    python tools/bench_qst.py --run qst-nf4 --steps 20 --json /tmp/qst.json
+
+Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
+with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
+fine-tuning. Baselines without training: the unquantized model and the nf4 backbone. Learning rates:
+2e-4 for the LoRA variants (the QLoRA paper's), 1e-3 for QST's randomly initialised side network,
+1e-5 for full fine-tuning. Needs the `bench` extra (peft, matplotlib).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchlib import Bench, full_finetuning, main
+
+TRAINED = ("qst-nf4", "qlora", "qlora-ckpt", "lora", "full-ft")
+EVAL_ONLY = ("fp", "nf4")
+CONFIGS = (*EVAL_ONLY, *TRAINED)
+PEER = "qlora"  # the paper's comparison: QST against QLoRA
+LORA_RANK, LORA_ALPHA, LORA_LR, QST_LR = 16, 16, 2e-4, 1e-3
+
+
+def build(config: str, model: nn.Module):
+    """(module to train or score, optimizer or None) for a configuration."""
+    import qgraph
+
+    if config == "fp":
+        return model, None
+    if config in ("nf4", "qst-nf4"):
+        qm = qgraph.transform(model, config)
+        release_replaced_weights(model)
+        if config == "nf4":
+            return qm, None
+        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=QST_LR, betas=(0.9, 0.95), weight_decay=0.0)
+    if config == "full-ft":
+        return full_finetuning(model)
+    if config in ("qlora", "qlora-ckpt", "lora"):
+        return lora(model, quantize=config.startswith("qlora"), checkpointing=config.endswith("ckpt"))
+    raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+
+
+def decoder_linears(model: nn.Module) -> list[str]:
+    """The sites QLoRA adapts and qst-nf4 quantizes: every linear inside a decoder block, not the head."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
+
+
+def release_replaced_weights(model: nn.Module) -> None:
+    """Free the source model's fp32 decoder weights, which the NF4 buffers replaced.
+
+    The transformed module keeps the source model object alive (its capture info holds the model's
+    loss function), so without this the fp32 weights would stay resident and count in this process's
+    RSS, where QLoRA's in-place quantization frees them."""
+    for name in decoder_linears(model):
+        model.get_submodule(name).weight.data = torch.empty(0)
+
+
+def to_bnb_nf4(model: nn.Module, names: list[str]) -> None:
+    """Swap each named nn.Linear for a bitsandbytes NF4 Linear4bit (double quantization), in place.
+
+    The same storage transformers' BitsAndBytesConfig(load_in_4bit=True) loads, made from the model
+    already in memory rather than by loading it a second time; each fp32 weight is dropped."""
+    import bitsandbytes as bnb
+
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", blocksize=64)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, layer.to("cpu"))  # .to() quantizes
+
+
+def lora(model: nn.Module, *, quantize: bool, checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+
+    names = decoder_linears(model)
+    if quantize:
+        to_bnb_nf4(model, names)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = sorted({name.rpartition(".")[2] for name in names})
+    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                  target_modules=targets, task_type="CAUSAL_LM"))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    return peft_model, torch.optim.AdamW(trainable, lr=LORA_LR, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+BENCH = Bench(doc=__doc__, configs=CONFIGS, trained=TRAINED, peer=PEER, peer_label="QLoRA", build=build,
+              script=__file__, default_out=Path("out/bench_qst"))
+
+
+if __name__ == "__main__":
+    main(BENCH)
