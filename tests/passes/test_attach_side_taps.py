@@ -1,5 +1,8 @@
+import io
+
 import pytest
 import torch
+from rich.console import Console
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qgraph
@@ -9,6 +12,7 @@ from qgraph.graph import decoder_blocks
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.report import ADDED, REWRITTEN
 from qgraph.side_network import SIDE_MODULE, SideNetwork
+from qgraph.train import train_causal_lm
 from tests.conftest import random_ids
 
 aten = torch.ops.aten
@@ -173,14 +177,7 @@ def test_loss_falls_over_a_few_steps():
     qm = qgraph.transform(tiny_causal_lm("llama", layers=LAYERS), "qst-nf4", r=4)
     optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=1e-2)
     ids = random_ids((4, 32), seed=4)
-    losses = []
-    qm.train()
-    for _ in range(8):
-        loss = qm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_causal_lm(qm, [ids] * 8, optimizer, steps=8, console=Console(file=io.StringIO()))
     side = qm.graph_module.get_submodule(SIDE_MODULE)
     assert side.mix.item() < 1  # a moved, so the side network now contributes
     # a leaves 1 by about lr per step, so the side network's share (1 - a) grows slowly: the loss falls
