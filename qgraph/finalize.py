@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 from qgraph.module import QGraphModule
 from qgraph.pipeline import PassContext, run_pipeline
-from qgraph.plans import CHECKPOINT_PASS, PassConfig, Plan, with_checkpoint
+from qgraph.plans import CHECKPOINT_PASS, PassConfig, Plan
 from qgraph.report import TransformReport
 
 FOLD_PASS = "fold_lrqat"
+TRAINING_ONLY_PASSES = (CHECKPOINT_PASS, "chunk_lm_loss")  # finalize undoes them
 
 
 def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
@@ -21,6 +23,7 @@ def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
     inputs. Plans without lrqat_linear come back as a frozen copy, with a note in the report.
     """
     from passes import get_pass
+    from passes.chunk_lm_loss import restore_lm_head
     from passes.insert_checkpoints import inline_checkpoints
 
     if not isinstance(qm, QGraphModule):
@@ -33,18 +36,24 @@ def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
         gm = copy.deepcopy(qm.graph_module, {id(qm.info): qm.info})
     # deployment recomputes nothing; and the fold reads each lrqat_linear's weights as module attributes
     inline_checkpoints(gm)
+    info = qm.info
+    if info.lm_head is not None:  # a deployable graph computes its logits itself
+        restore_lm_head(gm, info.lm_head)
+        info = dataclasses.replace(info, lm_head=None)
+        gm.meta["qgraph"] = info
     spec = get_pass(FOLD_PASS)
     context = PassContext(example_inputs=qm.info.example_inputs)
     gm, fold_reports = run_pipeline(gm, [(spec, spec.options_type())], context)
 
-    trained = with_checkpoint(qm.plan, "none")  # the deployable graph has no checkpoint regions left
+    # the deployable graph has no checkpoint regions left, and its LM head back
+    trained = [p for p in qm.plan.passes if p.name not in TRAINING_ONLY_PASSES]
     plan = Plan(f"{qm.plan.name}+finalize",
                 f"{qm.plan.description}; then LR-QAT layers folded to int4_linear (frozen, deployable)",
-                (*trained.passes, PassConfig(FOLD_PASS)))
-    kept = [r for r in qm.report.passes if r.name != CHECKPOINT_PASS]
+                (*trained, PassConfig(FOLD_PASS)))
+    kept = [r for r in qm.report.passes if r.name not in TRAINING_ONLY_PASSES]
     report = TransformReport(plan.name, passes=[*kept, *fold_reports],
                              capture_seconds=qm.report.capture_seconds)
     for param in gm.parameters():
         param.requires_grad_(False)
         report.frozen_params += param.numel()
-    return QGraphModule(gm, report, plan, qm.info, compile=compile)
+    return QGraphModule(gm, report, plan, info, compile=compile)

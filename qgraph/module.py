@@ -6,9 +6,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from qgraph.capture import MAX_BATCH, CaptureInfo
 from qgraph.errors import QGraphError
+from qgraph.graph import get_attr_tensor
+from qgraph.loss import linear_cross_entropy
+from qgraph.ops.lrqat import register_inductor_decomposition
 from qgraph.plans import Plan
 from qgraph.report import TransformReport
 
@@ -24,7 +28,12 @@ class QGraphModule(nn.Module):
         self.report = report
         self.plan = plan
         self.info = info
-        self._run = torch.compile(graph_module, dynamic=True) if compile else graph_module
+        # Not a submodule: graph_module already owns the parameters, and a second registration would put
+        # each of them in state_dict twice (under names torch.compile's wrapper changes).
+        # dynamic=True: one compiled graph serves every batch size and sequence length in the captured range.
+        if compile:
+            register_inductor_decomposition()  # inductor fuses lrqat_linear's weight construction
+        self.__dict__["_run"] = torch.compile(graph_module, dynamic=True) if compile else graph_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.info.kind != "hf":
@@ -41,8 +50,26 @@ class QGraphModule(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
+        if self.info.lm_head is not None:
+            return self._apply_head(output, labels, **loss_kwargs)
         if labels is not None:
             output.loss = self._loss(output.logits, labels, **loss_kwargs)
+        return output
+
+    def _apply_head(self, output: Any, labels: torch.Tensor | None, **loss_kwargs: Any) -> Any:
+        """The graph returned the head's input (chunk_lm_loss): the loss is taken a chunk at a time.
+
+        A training step (labels given, train mode, autograd on) returns `logits=None`: materialising
+        them is what the chunked loss avoids. Otherwise the logits are computed as the head would have."""
+        head = self.info.lm_head
+        hidden = output.logits
+        weight = get_attr_tensor(self.graph_module, head.weight)
+        bias = get_attr_tensor(self.graph_module, head.bias) if head.bias else None
+        if labels is not None:
+            output.loss = linear_cross_entropy(hidden, weight, bias, labels, chunk_tokens=head.chunk_tokens,
+                                               **loss_kwargs)
+        training_step = labels is not None and self.training and torch.is_grad_enabled()
+        output.logits = None if training_step else F.linear(hidden, weight, bias)
         return output
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, **loss_kwargs: Any) -> torch.Tensor:
@@ -69,6 +96,12 @@ class QGraphModule(nn.Module):
         for module in self.modules():
             module.training = mode
         return self
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Decode with this module in the loop (greedy, or sampling): see `qgraph.generate.generate`."""
+        from qgraph.generate import generate
+
+        return generate(self, input_ids, **kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

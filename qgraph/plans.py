@@ -32,6 +32,15 @@ class Plan:
         return cls(data["name"], data.get("description", ""), passes)
 
 
+CHECKPOINT_PASS = "insert_checkpoints"
+# Every plan that trains through the decoder blocks recomputes them in backward (peqa-w4 too: its
+# scales' gradients need each linear's input, so activations dominate its memory as they do LR-QAT's).
+# rtn-w4 and nf4 train nothing: there is nothing to recompute.
+CHECKPOINT_BLOCKS = PassConfig(CHECKPOINT_PASS)
+# Every plan that trains takes its loss a chunk of tokens at a time: once the blocks are checkpointed,
+# full-vocabulary logits and their gradient are most of what is left of the training peak.
+CHUNKED_LOSS = PassConfig("chunk_lm_loss")
+
 PLANS: dict[str, Plan] = {
     plan.name: plan
     for plan in (
@@ -39,13 +48,13 @@ PLANS: dict[str, Plan] = {
              "frozen, for inference or as a backbone", (PassConfig("quantize_nf4"),)),
         Plan("lrqat-w4", "LR-QAT, 4-bit weights, one scale per output channel: decoder linears -> lrqat_linear "
              "(Phi0 in Q4.4 fixed point, rank 32, alpha 1, lp range init); trains A, B and the scales",
-             (PassConfig("lrqat", {"bits": 4}),)),
+             (PassConfig("lrqat", {"bits": 4}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
         Plan("lrqat-w4g128", "LR-QAT, 4-bit weights, one scale per 128 input columns (Q4.4 Phi0, rank 32); "
-             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 4, "group_size": 128}),)),
+             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 4, "group_size": 128}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
         Plan("lrqat-w3", "LR-QAT, 3-bit weights, one scale per output channel (Phi0 in Q3.5 fixed point, "
-             "rank 32); trains A, B and the scales", (PassConfig("lrqat", {"bits": 3}),)),
+             "rank 32); trains A, B and the scales", (PassConfig("lrqat", {"bits": 3}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
         Plan("lrqat-w3g128", "LR-QAT, 3-bit weights, one scale per 128 input columns (Q3.5 Phi0, rank 32); "
-             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 3, "group_size": 128}),)),
+             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 3, "group_size": 128}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
         Plan("rtn-w4", "round-to-nearest 4-bit PTQ baseline, per output channel, lp range init: the lrqat_linear "
              "of lrqat-w4 with nothing trained (A = 0, rank 1) and the codes stored int-packed, so exactly RTN",
              (PassConfig("lrqat", {"bits": 4, "rank": 1, "phi_format": "int-packed",
@@ -53,7 +62,10 @@ PLANS: dict[str, Plan] = {
         Plan("peqa-w4", "PEQA-style baseline: 4-bit RTN integer weights frozen (int-packed), only the "
              "per-channel scales trained (A = 0 and untrained, rank 1)",
              (PassConfig("lrqat", {"bits": 4, "rank": 1, "phi_format": "int-packed",
-                                   "train_ab": False, "train_scale": True}),)),
+                                   "train_ab": False, "train_scale": True}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
+        Plan("qst-nf4", "QST: NF4 backbone (frozen, no gradient enters it) + a side network 1/16 as wide reading "
+             "the embedding and every layer's output, mixed into the head's input (starts as the backbone); "
+             "trains the side network only", (PassConfig("quantize_nf4"), PassConfig("attach_side_taps"), CHUNKED_LOSS)),
     )
 }
 
@@ -99,3 +111,36 @@ def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]
             raise PlanError(f"pass {spec.name!r}: {exc}") from exc
     return steps
 
+
+
+CHECKPOINT_CHOICES = ('"blocks" (a region per decoder block)', '"none" (no checkpoints)',
+                      '{"every": k} (a region per k blocks; other insert_checkpoints options allowed)',
+                      "None (the plan's own choice)")
+
+
+def with_checkpoint(plan: Plan, checkpoint: str | dict | None) -> Plan:
+    """`plan` as `transform(..., checkpoint=...)` asks: None keeps it; "none" drops insert_checkpoints;
+    "blocks" or a dict of its options sets it (on top of the plan's own options, added last if absent)."""
+    if checkpoint is None:
+        return plan
+    if checkpoint == "none":
+        return Plan(plan.name, plan.description, tuple(p for p in plan.passes if p.name != CHECKPOINT_PASS))
+    if checkpoint == "blocks":
+        overrides: dict[str, Any] = {"every": 1}
+    elif isinstance(checkpoint, dict):
+        from passes import get_pass
+
+        valid = get_pass(CHECKPOINT_PASS).option_names()
+        for key in checkpoint:
+            if key not in valid:
+                raise PlanError(f"checkpoint={checkpoint!r}: " + unknown_name_message("option", str(key), valid)
+                                + f" of {CHECKPOINT_PASS}")
+        overrides = dict(checkpoint)
+    else:
+        hint = unknown_name_message("checkpoint value", checkpoint, ["blocks", "none"]) + "; " if isinstance(
+            checkpoint, str) else ""
+        raise PlanError(f"checkpoint={checkpoint!r} is not valid: {hint}use one of " + ", ".join(CHECKPOINT_CHOICES))
+    existing = [p for p in plan.passes if p.name == CHECKPOINT_PASS]
+    config = PassConfig(CHECKPOINT_PASS, {**(existing[0].options if existing else {}), **overrides})
+    passes = tuple(config if p.name == CHECKPOINT_PASS else p for p in plan.passes)
+    return Plan(plan.name, plan.description, passes if existing else (*passes, config))

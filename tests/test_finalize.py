@@ -109,7 +109,9 @@ def test_the_trained_module_stays_trainable_and_unchanged(trained_llama):
     assert count_ops(qm.graph_module)[LRQAT] == 7 * LAYERS
     assert all(torch.equal(qm.state_dict()[k], v) for k, v in state.items())
     assert torch.equal(logits(qm, x), before)
-    assert deployed.info is qm.info  # the capture info (and the original model behind it) is shared
+    # the capture info (and the original model behind it) is shared, not copied; the head is back in the graph
+    assert deployed.info.loss_function is qm.info.loss_function and deployed.info.config is qm.info.config
+    assert qm.info.lm_head is not None and deployed.info.lm_head is None
     qm(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None for p in qm.trainable_parameters())
     qm.zero_grad(set_to_none=True)
