@@ -116,7 +116,7 @@ BAD_CALLS = {
     "checkpoint every": ({"checkpoint": {"every": 0}}, "every must be a positive integer (blocks per checkpoint "
                          "region), got 0"),
     "checkpoint skip": ({"plan": "lrqat-w4", "checkpoint": "none", "skip": ["insert_checkpoints"]},
-                        "unknown pass 'insert_checkpoints'; valid passes (closest first): lrqat"),
+                        "unknown pass 'insert_checkpoints'; valid passes (closest first): "),
 }
 
 

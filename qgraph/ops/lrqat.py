@@ -258,11 +258,13 @@ def register_inductor_decomposition() -> None:
     Only inductor's table: eager, torch.export and dynamo's graph keep the single op node. Not done at
     import, since importing inductor costs seconds; QGraphModule(compile=True) calls it, and so should
     code that compiles a graph with lrqat_linear by other means."""
-    from torch._inductor.decomposition import decompositions, register_decomposition
+    from torch._inductor import decomposition
 
     op = torch.ops.qgraph.lrqat_linear.default
-    if op not in decompositions:
-        register_decomposition(op)(lrqat_linear_compiled)
+    if op not in decomposition.decompositions:
+        decomposition.register_decomposition(op)(lrqat_linear_compiled)
+        # inductor caches the table it compiles with after its first compile in a process
+        decomposition.fast_random_decomps.cache_clear()
 
 
 def lrqat_linear_reference(
