@@ -1,0 +1,249 @@
+"""Activation checkpoints and torch.compile on SmolLM2-135M: activation memory, step time compiled vs eager.
+
+Every configuration runs in its own process (so peak RSS and compile caches are its own), on the same
+batches (batch 4 x 256 tokens by default):
+    python tools/bench_compile.py --steps 8 --out out/bench_compile
+writes results.json, results.md (the README table) and memory_time.png. One configuration alone:
+    python tools/bench_compile.py --run lrqat-w4 --device cpu --steps 5 --json /tmp/ckpt.json
+
+Configurations: nf4 inference (forward only) eager and compiled; lrqat-w4 training without checkpoints,
+with them (the plan's default), and compiled; the same three for qst-nf4 when that plan exists (its
+checkpoints go around the side blocks). Memory is MemTracker's peak by category (eager runs: dynamo does
+not trace under MemTracker's dispatch mode) and, on CUDA, torch.cuda.max_memory_allocated. Time is the
+median step after the first steps (which compile). Runs on CPU, and on CUDA too where it is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from benchlib import MEMORY_STEPS, SEED, loss_of, train_step
+
+QST_PLAN = "qst-nf4"
+QST_SIDE_BLOCKS = {"target": "modules", "include": ("qst_side.blocks.*",)}
+CONFIGS = ("nf4-infer", "nf4-infer-compiled", "lrqat-w4-nockpt", "lrqat-w4", "lrqat-w4-compiled",
+           "qst-nf4-nockpt", "qst-nf4", "qst-nf4-compiled")
+WARMUP_STEPS = 2  # the first compiled step compiles; the second settles caches
+
+
+@dataclass
+class Result:
+    config: str
+    device: str
+    steps: int
+    memory: dict[str, int] = field(default_factory=dict)  # MemTracker peak by category (eager only)
+    cuda_max_allocated: int = 0
+    peak_rss: int = 0
+    step_seconds: float = 0.0
+    first_step_seconds: float = 0.0  # includes compilation for the compiled configurations
+    losses: list[float] = field(default_factory=list)
+
+
+def plan_of(config: str) -> tuple[str, dict]:
+    """(plan, transform keywords) of a configuration."""
+    base = config.removesuffix("-compiled").removesuffix("-nockpt")
+    kwargs: dict = {"compile": config.endswith("-compiled")}
+    if base == "nf4-infer":
+        return "nf4", kwargs
+    if config.endswith("-nockpt"):
+        kwargs["checkpoint"] = "none"
+    elif base == QST_PLAN:
+        kwargs["checkpoint"] = QST_SIDE_BLOCKS
+    return base, kwargs
+
+
+def available(config: str) -> str:
+    """'' if the configuration can run in this checkout, else why not."""
+    from qgraph.plans import PLANS
+
+    plan, _ = plan_of(config)
+    return "" if plan in PLANS else f"plan {plan!r} is not in qgraph.plans.PLANS yet"
+
+
+def build(config: str, model: torch.nn.Module, example: torch.Tensor):
+    import qgraph
+
+    plan, kwargs = plan_of(config)
+    qm = qgraph.transform(model, plan, example_inputs=example, **kwargs)
+    if plan == "nf4":
+        return qm, None
+    groups = qgraph.param_groups(qm) if plan.startswith("lrqat") else qm.trainable_parameters()
+    return qm, torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def infer_step(module, _optimizer, input_ids) -> float:
+    with torch.no_grad():
+        return float(loss_of(module, input_ids))
+
+
+def run_config(config: str, device: str, steps: int, batch_size: int, block_len: int) -> Result:
+    from qgraph.data import batches, token_blocks, train_heldout_split
+    from qgraph.memory import FrozenAwareMemTracker, peak_breakdown, peak_rss_bytes, reset_peak_rss
+    from qgraph.models import load_smollm2
+
+    torch.manual_seed(SEED)
+    model, tokenizer = load_smollm2(progress=False)
+    model.to(device)
+    train_text, _ = train_heldout_split()
+    stream = (ids.to(device) for ids in
+              batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps))
+    result = Result(config, device, steps)
+    reset_peak_rss()
+    first = next(stream)
+    module, optimizer = build(config, model, first)
+    step = train_step if optimizer is not None else infer_step
+    module.train(optimizer is not None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result.losses.append(step(module, optimizer, first))
+    result.first_step_seconds = time.perf_counter() - start
+    compiled = config.endswith("-compiled")
+    if not compiled and optimizer is not None:
+        tracker = FrozenAwareMemTracker()
+        tracker.track_external(module, optimizer)
+        with tracker:
+            for _ in range(MEMORY_STEPS):
+                result.losses.append(step(module, optimizer, next(stream)))
+                tracker.reset_mod_stats()
+        result.memory = peak_breakdown(tracker, first.device)
+    else:
+        for _ in range(WARMUP_STEPS - 1):
+            result.losses.append(step(module, optimizer, next(stream)))
+    times = []
+    for input_ids in stream:
+        start = time.perf_counter()
+        result.losses.append(step(module, optimizer, input_ids))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result.step_seconds = statistics.median(times) if times else 0.0
+    result.peak_rss = peak_rss_bytes()
+    if device == "cuda":
+        result.cuda_max_allocated = torch.cuda.max_memory_allocated()
+    return result
+
+
+# --- all configurations, side by side ---------------------------------------------------------------------
+
+
+def run_all(args: argparse.Namespace, console: Console) -> list[Result]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for device in args.devices:
+        for config in args.configs:
+            why_not = available(config)
+            if why_not:
+                console.print(f"{config}: skipped ({why_not})")
+                continue
+            path = args.out / f"{config}-{device}.json"
+            command = [sys.executable, __file__, "--run", config, "--device", device, "--json", str(path),
+                       "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--block-len",
+                       str(args.block_len)]
+            with console.status(f"{config} on {device}: {args.steps} steps in its own process"):
+                completed = subprocess.run(command, capture_output=True, text=True)
+            if completed.returncode:
+                console.print(f"[red]{config} on {device} failed[/]\n{completed.stderr[-3000:]}")
+                continue
+            results.append(Result(**json.loads(path.read_text())))
+            console.print(f"{config} on {device}: step {results[-1].step_seconds:.2f} s")
+    return results
+
+
+def _peer(results: list[Result], r: Result, suffix: str) -> Result | None:
+    """The eager run `r` is compared with: plan's default (checkpointed) run for -compiled and -nockpt."""
+    base = r.config.removesuffix(suffix)
+    return next((p for p in results if p.config == base and p.device == r.device), None) if base != r.config else None
+
+
+def markdown_table(results: list[Result]) -> str:
+    gib = lambda n: f"{n / 2**30:.2f}" if n else "-"  # noqa: E731
+    lines = ["| configuration | device | steps | activations+temp (GiB) | tracked peak (GiB) | CUDA max allocated (GiB) "
+             "| peak RSS (GiB) | step (s) | first step (s) | vs eager checkpointed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        m = r.memory
+        ratio = "-"
+        compiled_peer, plain_peer = _peer(results, r, "-compiled"), _peer(results, r, "-nockpt")
+        if compiled_peer and r.step_seconds:
+            ratio = f"{compiled_peer.step_seconds / r.step_seconds:.2f}x faster"
+        elif plain_peer and m and plain_peer.memory:
+            activations = lambda x: x.memory["Activation"] + x.memory["Temp"]  # noqa: E731
+            ratio = (f"activations {activations(r) / activations(plain_peer):.2f}x, "
+                     f"step {r.step_seconds / plain_peer.step_seconds:.2f}x")
+        lines.append(f"| {r.config} | {r.device} | {r.steps} | {gib(m.get('Activation', 0) + m.get('Temp', 0))} "
+                     f"| {gib(m.get('Total', 0))} | {gib(r.cuda_max_allocated)} | {r.peak_rss / 2**30:.2f} "
+                     f"| {r.step_seconds:.2f} | {r.first_step_seconds:.1f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    tracked = [r for r in results if r.memory]
+    left.bar([f"{r.config}\n{r.device}" for r in tracked],
+             [(r.memory["Activation"] + r.memory["Temp"]) / 2**30 for r in tracked], color="#8ecae6")
+    left.set_ylabel("activations + temp at the peak (GiB, MemTracker)")
+    left.set_title("activation memory, with and without checkpoints")
+    right.bar([f"{r.config}\n{r.device}" for r in results], [r.step_seconds for r in results], color="#f4a261")
+    right.set_ylabel("median step time (s)")
+    right.set_title("step time, eager vs compiled")
+    for axis in (left, right):
+        axis.tick_params(axis="x", rotation=30, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", choices=CONFIGS, help="run one configuration in this process")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --run")
+    parser.add_argument("--json", type=Path, help="with --run: where to write its result")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"),
+                        default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--block-len", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_compile"))
+    args = parser.parse_args()
+    if args.steps < 1 + MEMORY_STEPS + 1:
+        parser.error(f"--steps must be at least {2 + MEMORY_STEPS} (a first step, {MEMORY_STEPS} measured for "
+                     "memory or warm-up, then at least one timed)")
+    if "cuda" in args.devices + [args.device] and not torch.cuda.is_available():
+        parser.error("cuda asked for, but torch.cuda.is_available() is False")
+    if args.run:
+        if args.json is None:
+            parser.error("--run needs --json FILE (where to write the result)")
+        why_not = available(args.run)
+        if why_not:
+            parser.error(f"{args.run}: {why_not}")
+        result = run_config(args.run, args.device, args.steps, args.batch_size, args.block_len)
+        args.json.write_text(json.dumps(asdict(result), indent=2))
+        return
+    console = Console()
+    results = run_all(args, console)
+    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    table = markdown_table(results)
+    (args.out / "results.md").write_text(table)
+    chart(results, args.out / "memory_time.png")
+    console.print(table)
+    console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png)")
+
+
+if __name__ == "__main__":
+    main()
