@@ -63,7 +63,8 @@ def _why_not(model_class: str, head: LinearSite, heads: list[LinearSite]) -> str
     if not model_class.endswith("ForCausalLM"):
         return f"{model_class or 'this model'} is not a causal LM: its loss is not token cross-entropy"
     if len(heads) > 1:
-        return f"{len(heads)} linear layers feed the graph output ({', '.join(h.path for h in heads)}); expected one LM head"
+        paths = ", ".join(h.path for h in heads)
+        return f"{len(heads)} linear layers feed the graph output ({paths}); expected one LM head"
     if head.transposed:
         return "the head stores its weight (in, out) (Conv1D); the chunked loss expects an nn.Linear head"
     return ""

@@ -40,6 +40,7 @@ CHECKPOINT_BLOCKS = PassConfig(CHECKPOINT_PASS)
 # Every plan that trains takes its loss a chunk of tokens at a time: once the blocks are checkpointed,
 # full-vocabulary logits and their gradient are most of what is left of the training peak.
 CHUNKED_LOSS = PassConfig("chunk_lm_loss")
+TRAINING_TAIL = (CHECKPOINT_BLOCKS, CHUNKED_LOSS)
 
 PLANS: dict[str, Plan] = {
     plan.name: plan
@@ -48,13 +49,15 @@ PLANS: dict[str, Plan] = {
              "frozen, for inference or as a backbone", (PassConfig("quantize_nf4"),)),
         Plan("lrqat-w4", "LR-QAT, 4-bit weights, one scale per output channel: decoder linears -> lrqat_linear "
              "(Phi0 in Q4.4 fixed point, rank 32, alpha 1, lp range init); trains A, B and the scales",
-             (PassConfig("lrqat", {"bits": 4}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
+             (PassConfig("lrqat", {"bits": 4}), *TRAINING_TAIL)),
         Plan("lrqat-w4g128", "LR-QAT, 4-bit weights, one scale per 128 input columns (Q4.4 Phi0, rank 32); "
-             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 4, "group_size": 128}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
+             "trains A, B and the scales",
+             (PassConfig("lrqat", {"bits": 4, "group_size": 128}), *TRAINING_TAIL)),
         Plan("lrqat-w3", "LR-QAT, 3-bit weights, one scale per output channel (Phi0 in Q3.5 fixed point, "
-             "rank 32); trains A, B and the scales", (PassConfig("lrqat", {"bits": 3}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
+             "rank 32); trains A, B and the scales", (PassConfig("lrqat", {"bits": 3}), *TRAINING_TAIL)),
         Plan("lrqat-w3g128", "LR-QAT, 3-bit weights, one scale per 128 input columns (Q3.5 Phi0, rank 32); "
-             "trains A, B and the scales", (PassConfig("lrqat", {"bits": 3, "group_size": 128}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
+             "trains A, B and the scales",
+             (PassConfig("lrqat", {"bits": 3, "group_size": 128}), *TRAINING_TAIL)),
         Plan("rtn-w4", "round-to-nearest 4-bit PTQ baseline, per output channel, lp range init: the lrqat_linear "
              "of lrqat-w4 with nothing trained (A = 0, rank 1) and the codes stored int-packed, so exactly RTN",
              (PassConfig("lrqat", {"bits": 4, "rank": 1, "phi_format": "int-packed",
@@ -62,10 +65,11 @@ PLANS: dict[str, Plan] = {
         Plan("peqa-w4", "PEQA-style baseline: 4-bit RTN integer weights frozen (int-packed), only the "
              "per-channel scales trained (A = 0 and untrained, rank 1)",
              (PassConfig("lrqat", {"bits": 4, "rank": 1, "phi_format": "int-packed",
-                                   "train_ab": False, "train_scale": True}), CHECKPOINT_BLOCKS, CHUNKED_LOSS)),
+                                   "train_ab": False, "train_scale": True}), *TRAINING_TAIL)),
         Plan("qst-nf4", "QST: NF4 backbone (frozen, no gradient enters it) + a side network 1/16 as wide reading "
              "the embedding and every layer's output, mixed into the head's input (starts as the backbone); "
-             "trains the side network only", (PassConfig("quantize_nf4"), PassConfig("attach_side_taps"), CHUNKED_LOSS)),
+             "trains the side network only",
+             (PassConfig("quantize_nf4"), PassConfig("attach_side_taps"), CHUNKED_LOSS)),
     )
 }
 
@@ -112,7 +116,6 @@ def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]
     return steps
 
 
-
 CHECKPOINT_CHOICES = ('"blocks" (a region per decoder block)', '"none" (no checkpoints)',
                       '{"every": k} (a region per k blocks; other insert_checkpoints options allowed)',
                       "None (the plan's own choice)")
@@ -141,6 +144,17 @@ def with_checkpoint(plan: Plan, checkpoint: str | dict | None) -> Plan:
             checkpoint, str) else ""
         raise PlanError(f"checkpoint={checkpoint!r} is not valid: {hint}use one of " + ", ".join(CHECKPOINT_CHOICES))
     existing = [p for p in plan.passes if p.name == CHECKPOINT_PASS]
-    config = PassConfig(CHECKPOINT_PASS, {**(existing[0].options if existing else {}), **overrides})
+    base = existing[0].options if existing else _checkpoint_defaults(plan)
+    config = PassConfig(CHECKPOINT_PASS, {**base, **overrides})
     passes = tuple(config if p.name == CHECKPOINT_PASS else p for p in plan.passes)
     return Plan(plan.name, plan.description, passes if existing else (*passes, config))
+
+
+def _checkpoint_defaults(plan: Plan) -> dict[str, Any]:
+    """Where a plan's checkpoint regions go when the user asks for some: in a QST plan only the side
+    network trains (the backbone keeps no activations to recompute), so its blocks are the regions."""
+    if any(p.name == "attach_side_taps" for p in plan.passes):
+        from qgraph.side_network import SIDE_MODULE
+
+        return {"target": "modules", "include": (f"{SIDE_MODULE}.blocks.*",)}
+    return {}
