@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from benchlib import MEMORY_STEPS, SEED, loss_of, train_step
+from benchlib import MEMORY_STEPS, SEED, loss_of, run_in_subprocess, tracked_memory, train_step
 
 QST_PLAN = "qst-nf4"
 QST_SIDE_BLOCKS = {"target": "modules", "include": ("qst_side.blocks.*",)}
@@ -88,7 +86,7 @@ def infer_step(module, _optimizer, input_ids) -> float:
 
 def run_config(config: str, device: str, steps: int, batch_size: int, block_len: int) -> Result:
     from qgraph.data import batches, token_blocks, train_heldout_split
-    from qgraph.memory import FrozenAwareMemTracker, peak_breakdown, peak_rss_bytes, reset_peak_rss
+    from qgraph.memory import peak_rss_bytes, reset_peak_rss
     from qgraph.models import load_smollm2
 
     torch.manual_seed(SEED)
@@ -110,13 +108,7 @@ def run_config(config: str, device: str, steps: int, batch_size: int, block_len:
     result.first_step_seconds = time.perf_counter() - start
     compiled = config.endswith("-compiled")
     if not compiled and optimizer is not None:
-        tracker = FrozenAwareMemTracker()
-        tracker.track_external(module, optimizer)
-        with tracker:
-            for _ in range(MEMORY_STEPS):
-                result.losses.append(step(module, optimizer, next(stream)))
-                tracker.reset_mod_stats()
-        result.memory = peak_breakdown(tracker, first.device)
+        result.memory = tracked_memory(module, optimizer, step, stream, result.losses, first.device)
     else:
         for _ in range(WARMUP_STEPS - 1):
             result.losses.append(step(module, optimizer, next(stream)))
@@ -146,17 +138,13 @@ def run_all(args: argparse.Namespace, console: Console) -> list[Result]:
             if why_not:
                 console.print(f"{config}: skipped ({why_not})")
                 continue
-            path = args.out / f"{config}-{device}.json"
-            command = [sys.executable, __file__, "--run", config, "--device", device, "--json", str(path),
-                       "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--block-len",
-                       str(args.block_len)]
-            with console.status(f"{config} on {device}: {args.steps} steps in its own process"):
-                completed = subprocess.run(command, capture_output=True, text=True)
-            if completed.returncode:
-                console.print(f"[red]{config} on {device} failed[/]\n{completed.stderr[-3000:]}")
-                continue
-            results.append(Result(**json.loads(path.read_text())))
-            console.print(f"{config} on {device}: step {results[-1].step_seconds:.2f} s")
+            flags = ["--run", config, "--device", device, "--steps", str(args.steps), "--batch-size",
+                     str(args.batch_size), "--block-len", str(args.block_len)]
+            data = run_in_subprocess(__file__, flags, args.out / f"{config}-{device}.json",
+                                     f"{config} on {device}: {args.steps} steps", console)
+            if data is not None:
+                results.append(Result(**data))
+                console.print(f"{config} on {device}: step {results[-1].step_seconds:.2f} s")
     return results
 
 

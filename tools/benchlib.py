@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,11 +81,25 @@ def train_step(module, optimizer, input_ids) -> float:
     return loss.item()
 
 
+def tracked_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: Callable, stream: Iterator,
+                   losses: list[float], device: torch.device | str = "cpu") -> dict[str, int]:
+    """MemTracker's peak by category over MEMORY_STEPS steps (the second one has optimizer state)."""
+    from qgraph.memory import FrozenAwareMemTracker, peak_breakdown
+
+    tracker = FrozenAwareMemTracker()
+    tracker.track_external(module, optimizer)
+    with tracker:
+        for _ in range(MEMORY_STEPS):
+            losses.append(step(module, optimizer, next(stream)))
+            tracker.reset_mod_stats()
+    return peak_breakdown(tracker, device)
+
+
 def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_blocks: int, batch_size: int,
                block_len: int) -> Result:
     from qgraph.data import batches, token_blocks, train_heldout_split
     from qgraph.evaluate import perplexity
-    from qgraph.memory import FrozenAwareMemTracker, peak_breakdown, peak_rss_bytes, reset_peak_rss
+    from qgraph.memory import peak_rss_bytes, reset_peak_rss
     from qgraph.models import load_smollm2
 
     torch.manual_seed(SEED)
@@ -98,13 +112,7 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
     if optimizer is not None:
         stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps)
         module.train()
-        tracker = FrozenAwareMemTracker()
-        tracker.track_external(module, optimizer)
-        with tracker:
-            for _ in range(MEMORY_STEPS):
-                result.losses.append(train_step(module, optimizer, next(stream)))
-                tracker.reset_mod_stats()
-        result.memory = peak_breakdown(tracker)
+        result.memory = tracked_memory(module, optimizer, train_step, stream, result.losses)
         times = []
         for _ in range(timing_steps):
             start = time.perf_counter()
@@ -122,19 +130,29 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
 # --- all configurations, side by side ---------------------------------------------------------------------
 
 
+def run_in_subprocess(script: str, flags: list[str], json_path: Path, label: str,
+                      console: Console) -> dict | None:
+    """Run `script --json json_path *flags` in a fresh process (its own peak RSS); its result, or None
+    with the error printed when it failed."""
+    command = [sys.executable, script, "--json", str(json_path), *flags]
+    with console.status(f"{label} in its own process"):
+        completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode:
+        console.print(f"[red]{label} failed[/]\n{completed.stderr[-3000:]}")
+        return None
+    return json.loads(json_path.read_text())
+
+
 def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Result]:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for config in args.configs:
-        path = args.out / f"{config}.json"
-        command = [sys.executable, bench.script, "--run", config, "--json", str(path), *_shared_flags(args)]
-        with console.status(f"{config}: {args.steps if config in bench.trained else 0} steps in its own process"):
-            completed = subprocess.run(command, capture_output=True, text=True)
-        if completed.returncode:
-            console.print(f"[red]{config} failed[/]\n{completed.stderr[-3000:]}")
-            continue
-        results.append(Result(**json.loads(path.read_text())))
-        console.print(f"{config}: done ({_summary(results[-1])})")
+        label = f"{config}: {args.steps if config in bench.trained else 0} steps"
+        flags = ["--run", config, *_shared_flags(args)]
+        data = run_in_subprocess(bench.script, flags, args.out / f"{config}.json", label, console)
+        if data is not None:
+            results.append(Result(**data))
+            console.print(f"{config}: done ({_summary(results[-1])})")
     return results
 
 
