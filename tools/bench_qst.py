@@ -56,9 +56,9 @@ def decoder_linears(model: nn.Module) -> list[str]:
 def release_replaced_weights(model: nn.Module) -> None:
     """Free the source model's fp32 decoder weights, which the NF4 buffers replaced.
 
-    The transformed module keeps the source model object alive (its capture info holds the model's
-    loss function), so without this the fp32 weights would stay resident and count in this process's
-    RSS, where QLoRA's in-place quantization frees them."""
+    transform never changes the user's model, and the benchmark still holds it, so without this the
+    fp32 weights would stay resident and count in this process's RSS, where QLoRA's in-place
+    quantization frees them."""
     for name in decoder_linears(model):
         model.get_submodule(name).weight.data = torch.empty(0)
 
