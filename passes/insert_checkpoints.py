@@ -19,14 +19,14 @@ through checkpoint. Either way the module keeps its parameters, type and state_d
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import fx, nn
 
-from qgraph.graph import CHECKPOINT, Block, as_patterns, checkpointed_module, decoder_blocks, flat_graph
+from qgraph.graph import (CHECKPOINT, Block, as_patterns, checkpointed_module, decoder_blocks, flat_graph,
+                          matches_any)
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import ADDED, SKIPPED, PassReport, SiteRecord
 
@@ -78,12 +78,8 @@ def _nothing_found(options: CheckpointOptions) -> str:
     return "no decoder block selected (none found, or include/exclude matched none): no checkpoint regions"
 
 
-def _matches(path: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
-
-
 def _selected(path: str, options: CheckpointOptions) -> bool:
-    return (options.include is None or _matches(path, options.include)) and not _matches(path, options.exclude)
+    return (options.include is None or matches_any(path, options.include)) and not matches_any(path, options.exclude)
 
 
 # --- decoder blocks -------------------------------------------------------------------------------------

@@ -122,14 +122,16 @@ def as_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return (patterns,) if isinstance(patterns, str) else (tuple(patterns) if patterns is not None else None)
 
 
+def matches_any(path: str, patterns: Sequence[str]) -> bool:
+    """Whether a module path matches any of the globs (case-sensitive, as module paths are)."""
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
+
+
 def select_sites(
     sites: Iterable[LinearSite], include: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[LinearSite]:
     """Sites whose module path matches any `include` glob and no `exclude` glob."""
-    def matches(path: str, patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
-
-    return [s for s in sites if matches(s.path, include) and not matches(s.path, exclude)]
+    return [s for s in sites if matches_any(s.path, include) and not matches_any(s.path, exclude)]
 
 
 # --- decoder blocks -------------------------------------------------------------------------------------
