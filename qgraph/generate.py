@@ -1,8 +1,9 @@
 """Token-by-token decoding through a captured graph: `qm.generate(input_ids, max_new_tokens=...)`.
 
 The captured graph has no KV cache (it takes input_ids and attention_mask only), so each step runs it
-on the whole sequence so far and reads the last position's logits. That is quadratic in length but
-exact: every plan's rewrites (a QST side network included) are in the loop as they are in training.
+on the whole sequence so far and reads the last position's logits (with the head out of the graph,
+chunk_lm_loss, only that position goes through the head). That is quadratic in length but exact: every
+plan's rewrites (a QST side network included) are in the loop as they are in training.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def generate(
     try:
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+                logits = _next_token_logits(model, input_ids, attention_mask).float()
                 token = _pick(logits, do_sample, temperature, top_k, generator)
                 if eos_token_id is not None:
                     token = torch.where(finished, torch.full_like(token, pad), token)
@@ -56,6 +57,14 @@ def generate(
     finally:
         model.train(was_training)
     return input_ids
+
+
+def _next_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    from qgraph.module import QGraphModule
+
+    if isinstance(model, QGraphModule):
+        return model.next_token_logits(input_ids, attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
 
 
 def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,

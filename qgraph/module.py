@@ -61,16 +61,33 @@ class QGraphModule(nn.Module):
 
         A training step (labels given, train mode, autograd on) returns `logits=None`: materialising
         them is what the chunked loss avoids. Otherwise the logits are computed as the head would have."""
-        head = self.info.lm_head
         hidden = output.logits
-        weight = get_attr_tensor(self.graph_module, head.weight)
-        bias = get_attr_tensor(self.graph_module, head.bias) if head.bias else None
+        weight, bias = self._head_parameters()
         if labels is not None:
-            output.loss = linear_cross_entropy(hidden, weight, bias, labels, chunk_tokens=head.chunk_tokens,
-                                               **loss_kwargs)
+            output.loss = linear_cross_entropy(hidden, weight, bias, labels,
+                                               chunk_tokens=self.info.lm_head.chunk_tokens, **loss_kwargs)
         training_step = labels is not None and self.training and torch.is_grad_enabled()
         output.logits = None if training_step else F.linear(hidden, weight, bias)
         return output
+
+    def _head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self.info.lm_head
+        bias = get_attr_tensor(self.graph_module, head.bias) if head.bias else None
+        return get_attr_tensor(self.graph_module, head.weight), bias
+
+    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, vocab): the logits at each row's last position, what a decoding step reads.
+
+        When chunk_lm_loss moved the head out of the graph, the head runs on that position alone
+        rather than on every position (a fifth of SmolLM2's compute per token is its head)."""
+        if self.info.kind != "hf":
+            raise QGraphError("next_token_logits needs a Hugging Face model; this module wraps a plain "
+                              f"{self.info.model_class}")
+        self._check_shape(input_ids)
+        hidden = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs).logits
+        if self.info.lm_head is None:
+            return hidden[:, -1]
+        return F.linear(hidden[:, -1], *self._head_parameters())
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, **loss_kwargs: Any) -> torch.Tensor:
         """The original model's own loss function, called the way its forward calls it."""

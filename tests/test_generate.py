@@ -121,3 +121,15 @@ def test_errors(model_and_qst):
     classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1), "nf4")
     with pytest.raises(QGraphError, match="generate needs a causal language model; this one is a LlamaForSequence"):
         classifier.generate(random_ids((1, 4)), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("plan", ["qst-nf4", "lrqat-w4", "nf4"])  # the head outside the graph, and inside it
+def test_next_token_logits_are_forwards_last_position(plan):
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), plan).eval()
+    ids, mask = random_ids((2, 7), seed=5), torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, as a batch of prompts has
+    with torch.no_grad():
+        expected = qm(input_ids=ids, attention_mask=mask).logits[:, -1]
+        got = qm.next_token_logits(ids, mask)
+    assert got.shape == (2, qm.info.config.vocab_size)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -147,9 +147,17 @@ def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Re
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for config in args.configs:
-        label = f"{config}: {args.steps if config in bench.trained else 0} steps"
-        flags = ["--run", config, *_shared_flags(args)]
-        data = run_in_subprocess(bench.script, flags, args.out / f"{config}.json", label, console)
+        steps = args.steps if config in bench.trained else 0
+        json_path = args.out / f"{config}.json"
+        if args.reuse and json_path.exists():
+            data = json.loads(json_path.read_text())
+            if data["steps"] != steps:
+                raise SystemExit(f"--reuse: {json_path} ran {data['steps']} steps, not {steps}; "
+                                 "delete it or drop --reuse")
+            console.print(f"{config}: reused {json_path}")
+        else:
+            flags = ["--run", config, *_shared_flags(args)]
+            data = run_in_subprocess(bench.script, flags, json_path, f"{config}: {steps} steps", console)
         if data is not None:
             results.append(Result(**data))
             console.print(f"{config}: done ({_summary(results[-1])})")
@@ -179,7 +187,7 @@ def markdown_table(results: list[Result], peer_name: str, peer_label: str) -> st
         lines.append(
             f"| {r.config} | {r.steps} | {gib(m.get('Total', 0))} | {gib(m.get('Parameter', 0) + m.get('Buffer', 0))} "
             f"| {gib(m.get('Gradient', 0))} | {gib(m.get('Optstate', 0))} | {gib(m.get('Activation', 0) + m.get('Temp', 0))} "
-            f"| {r.peak_rss / 2**30:.2f} | {r.step_seconds:.2f} | {mem_ratio} | {time_ratio} | {r.perplexity:.2f} |")
+            f"| {r.peak_rss / 2**30:.2f} | {f'{r.step_seconds:.2f}' if r.step_seconds else '-'} | {mem_ratio} | {time_ratio} | {r.perplexity:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +230,9 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-len", type=int, default=256)
     parser.add_argument("--out", type=Path, default=bench.default_out)
+    parser.add_argument("--reuse", action="store_true",
+                        help="load a configuration's result from OUT/CONFIG.json when it exists (a long run "
+                             "resumed, or configurations run apart with --run); it must be run with the same flags")
     args = parser.parse_args(argv)
     if args.steps < MEMORY_STEPS + args.timing_steps:
         parser.error(f"--steps must be at least {MEMORY_STEPS + args.timing_steps} "
