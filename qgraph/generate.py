@@ -60,9 +60,9 @@ def generate(
 
 
 def _next_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    from qgraph.module import QGraphModule
+    from qgraph.module import HFQGraphModule
 
-    if isinstance(model, QGraphModule):
+    if isinstance(model, HFQGraphModule):
         return model.next_token_logits(input_ids, attention_mask)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
 

@@ -36,12 +36,27 @@ class QGraphModule(nn.Module):
         self.__dict__["_run"] = torch.compile(graph_module, dynamic=True) if compile else graph_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.info.kind != "hf":
-            return self._run(*args, **kwargs)
-        return self._forward_hf(*args, **kwargs)
+        return self._run(*args, **kwargs)
 
-    def _forward_hf(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None, **loss_kwargs: Any) -> Any:
+    def train(self, mode: bool = True) -> QGraphModule:
+        """Set train/eval mode on every submodule.
+
+        torch.export's unlifted module refuses train(); its graph was captured without dropout, so
+        the flag matters only to modules a pass placed in the graph, which read it as usual."""
+        for module in self.modules():
+            module.training = mode
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class HFQGraphModule(QGraphModule):
+    """A transformed Hugging Face model: forward names its arguments as the model's does, so callers
+    that read the signature (the HF Trainer keeps only the dataset columns forward accepts) see them."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **loss_kwargs: Any) -> Any:
         unexpected = set(loss_kwargs) - {"num_items_in_batch"}
         if unexpected:
             raise TypeError(f"{self.info.model_class} was captured with input_ids, attention_mask and labels; "
@@ -80,9 +95,6 @@ class QGraphModule(nn.Module):
 
         When chunk_lm_loss moved the head out of the graph, the head runs on that position alone
         rather than on every position (a fifth of SmolLM2's compute per token is its head)."""
-        if self.info.kind != "hf":
-            raise QGraphError("next_token_logits needs a Hugging Face model; this module wraps a plain "
-                              f"{self.info.model_class}")
         self._check_shape(input_ids)
         hidden = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs).logits
         if self.info.lm_head is None:
@@ -105,20 +117,15 @@ class QGraphModule(nn.Module):
                 f"input_ids shape {tuple(input_ids.shape)} is outside the captured range "
                 f"(batch 1..{MAX_BATCH}, seq 1..{self.info.max_seq_len}); split the batch or shorten the text")
 
-    def train(self, mode: bool = True) -> QGraphModule:
-        """Set train/eval mode on every submodule.
-
-        torch.export's unlifted module refuses train(); its graph was captured without dropout, so
-        the flag matters only to modules a pass placed in the graph, which read it as usual."""
-        for module in self.modules():
-            module.training = mode
-        return self
-
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Decode with this module in the loop (greedy, or sampling): see `qgraph.generate.generate`."""
         from qgraph.generate import generate
 
         return generate(self, input_ids, **kwargs)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+
+def wrap(graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo, *,
+         compile: bool = False) -> QGraphModule:
+    """The module transform and finalize return: HFQGraphModule for a Hugging Face model."""
+    module_class = HFQGraphModule if info.kind == "hf" else QGraphModule
+    return module_class(graph_module, report, plan, info, compile=compile)
