@@ -8,6 +8,7 @@ by more work (a classifier's pooling, logit soft-capping) is left alone and repo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,9 @@ def chunk_lm_loss(gm: fx.GraphModule, context: PassContext, options: ChunkLMLoss
         report.records.append(SiteRecord(head.path, SKIPPED, reason=reason))
         return PassResult(gm, modified=False, report=report)
     _return_head_input(gm, head)
-    info.lm_head = LMHead(head.weight_name, head.bias_name, options.chunk_tokens)
+    # a new CaptureInfo rather than an edit of the captured one: the pass changes only the graph it returns
+    gm.meta["qgraph"] = dataclasses.replace(info, lm_head=LMHead(head.weight_name, head.bias_name,
+                                                                options.chunk_tokens))
     report.records.append(SiteRecord(
         head.path, REWRITTEN, params=head.in_features * head.out_features,
         detail=f"{head.out_features}x{head.in_features} head; loss in chunks of {options.chunk_tokens} tokens"))

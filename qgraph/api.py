@@ -49,9 +49,8 @@ def transform(
 
     start = time.perf_counter()
     gm = capture(model, example_inputs)
-    info = capture_info(gm)
     report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
-    context = PassContext(example_inputs=info.example_inputs)
+    context = PassContext(example_inputs=capture_info(gm).example_inputs)
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
 
     trainable = {name for names in context.trainable.values() for name in names}
@@ -61,7 +60,7 @@ def transform(
             report.trainable_params += param.numel()
         else:
             report.frozen_params += param.numel()
-    return wrap(gm, report, plan, info, compile=compile)
+    return wrap(gm, report, plan, capture_info(gm), compile=compile)  # as the passes left it
 
 
 def freeze_untrained(gm: nn.Module, trainable: set[str]) -> None:
