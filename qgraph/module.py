@@ -9,10 +9,10 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from qgraph.capture import MAX_BATCH, CaptureInfo
+from qgraph.compile import compile_module
 from qgraph.errors import QGraphError
 from qgraph.graph import get_attr_tensor
 from qgraph.loss import linear_cross_entropy
-from qgraph.ops.lrqat import register_inductor_decomposition
 from qgraph.plans import Plan
 from qgraph.report import TransformReport
 
@@ -31,9 +31,7 @@ class QGraphModule(nn.Module):
         # Not a submodule: graph_module already owns the parameters, and a second registration would put
         # each of them in state_dict twice (under names torch.compile's wrapper changes).
         # dynamic=True: one compiled graph serves every batch size and sequence length in the captured range.
-        if compile:
-            register_inductor_decomposition()  # inductor fuses lrqat_linear's weight construction
-        self.__dict__["_run"] = torch.compile(graph_module, dynamic=True) if compile else graph_module
+        self.__dict__["_run"] = compile_module(graph_module, dynamic=True) if compile else graph_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(*args, **kwargs)

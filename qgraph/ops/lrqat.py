@@ -238,7 +238,7 @@ def lrqat_linear_compiled(x: Tensor, phi0: Tensor, lora_a: Tensor, lora_b: Tenso
     """lrqat_linear's forward as inductor compiles it: plain ops, which it fuses into one weight kernel
     (dequantize Phi0, add the low-rank product, round, clamp, scale) between two matmuls.
 
-    Registered as a decomposition below autograd, so the op's own backward (which rebuilds the weight)
+    Used as a decomposition below autograd, so the op's own backward (which rebuilds the weight)
     still applies and nothing weight-sized is saved. Z is formed as phi^-1(Phi0) + (c A) @ B, not as
     the backward forms it, phi^-1(Phi0) + c (A @ B): AOTAutograd merges identical expressions of the
     forward and the backward, and an A @ B shared with the backward would be saved for it (the
@@ -252,19 +252,11 @@ def lrqat_linear_compiled(x: Tensor, phi0: Tensor, lora_a: Tensor, lora_b: Tenso
     return F.linear(x, dequantized_weight(w_int, scale, group_size, x.dtype), bias)
 
 
-def register_inductor_decomposition() -> None:
-    """Let inductor compile lrqat_linear from `lrqat_linear_compiled` (idempotent).
-
-    Only inductor's table: eager, torch.export and dynamo's graph keep the single op node. Not done at
-    import, since importing inductor costs seconds; QGraphModule(compile=True) calls it, and so should
-    code that compiles a graph with lrqat_linear by other means."""
-    from torch._inductor import decomposition
-
-    op = torch.ops.qgraph.lrqat_linear.default
-    if op not in decomposition.decompositions:
-        decomposition.register_decomposition(op)(lrqat_linear_compiled)
-        # inductor caches the table it compiles with after its first compile in a process
-        decomposition.fast_random_decomps.cache_clear()
+def inductor_decompositions() -> dict:
+    """The op -> plain-ops table inductor compiles lrqat_linear with (`qgraph.compile.inductor_backend`
+    adds it to inductor's own table for one compile). Eager, torch.export and dynamo's graph keep the
+    single op node."""
+    return {torch.ops.qgraph.lrqat_linear.default: lrqat_linear_compiled}
 
 
 def lrqat_linear_reference(

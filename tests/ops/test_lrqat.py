@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from qgraph.compile import compile_module
 from qgraph.ops.lrqat import (
     lrqat_linear,
     lrqat_linear_backward,
@@ -12,7 +13,6 @@ from qgraph.ops.lrqat import (
     lrqat_linear_reference,
     phi0_from_weight,
     rebuild_weight,
-    register_inductor_decomposition,
 )
 from qgraph.quant.downcast import PHI_FORMATS
 from qgraph.quant.uniform import fake_quantize, grid_bounds, init_scale, quantize_to_codes
@@ -323,7 +323,7 @@ def test_compiled_formulation_equals_the_op(fmt, bits, group_size):
 
 def compile_fresh(module):
     torch._dynamo.reset()
-    return torch.compile(module, fullgraph=True)
+    return compile_module(module, fullgraph=True)
 
 
 class ReferenceLayer(LRQATLayer):
@@ -336,12 +336,13 @@ class ReferenceLayer(LRQATLayer):
 def test_inductor_fuses_the_weight_and_saves_nothing_weight_sized(fmt):
     from torch._inductor.utils import run_and_get_code
 
-    register_inductor_decomposition()
     module, x = LRQATLayer(fmt), torch.randn(2, 5, IN)
     compiled = compile_fresh(module)
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         out, (forward_code,) = run_and_get_code(compiled, x)
     assert "torch.ops.qgraph.lrqat_linear" not in forward_code  # decomposed: no opaque fallback call left
+    # ... by this compile alone: inductor's process-wide table is as it was
+    assert torch.ops.qgraph.lrqat_linear.default not in torch._inductor.decomposition.decompositions
     # the weight is built by generated kernels around one addmm (Phi0 + c A @ B) and one mm (x @ W^T)
     assert forward_code.count("extern_kernels.") == 2 and 1 <= forward_code.count("async_compile.cpp") <= 3
     torch.testing.assert_close(out, module(x), rtol=0, atol=0)
@@ -362,10 +363,8 @@ def test_inductor_fuses_the_weight_and_saves_nothing_weight_sized(fmt):
 @pytest.mark.slow
 def test_compiled_gradients_gradcheck_in_float64():
     # W_int does not depend on x, s or bias, so their derivatives are exact: gradcheck the compiled pair
-    register_inductor_decomposition()
     layer = make_layer("fixed", 4, 8)
     layer["lora_a"].requires_grad_(False)
     layer["lora_b"].requires_grad_(False)
-    torch._dynamo.reset()
-    compiled = torch.compile(lrqat_linear, fullgraph=True)
+    compiled = compile_fresh(lrqat_linear)
     assert torch.autograd.gradcheck(compiled, positional(layer))
