@@ -5,9 +5,11 @@ Every configuration runs in its own process (so peak RSS is its own), on the sam
 writes results.json, results.md (the README table) and memory_time.png. One configuration alone:
     python tools/bench_lrqat.py --run lrqat-w4 --steps 20 --json /tmp/lrqat.json
 
-Peers: full fine-tuning, torchao full-model QAT (int4 per-channel symmetric fake quantization of the
-same decoder linears; with and without gradient checkpointing); baselines without training: the
-unquantized model and rtn-w4; peqa-w4 (scales only). Needs the `bench` extra (peft, torchao, matplotlib).
+Variants: lrqat-w4-packed (Phi0 as int-packed codes), lrqat-w4-nockpt (no checkpoint boundaries:
+every activation kept, nothing recomputed). Peers: full fine-tuning, torchao full-model QAT (int4
+per-channel symmetric fake quantization of the same decoder linears; with and without gradient
+checkpointing); baselines without training: the unquantized model and rtn-w4; peqa-w4 (scales only).
+Needs the `bench` extra (peft, torchao, matplotlib).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import torch
 
 from benchlib import Bench, full_finetuning, main
 
-TRAINED = ("lrqat-w4", "lrqat-w4-packed", "peqa-w4", "full-ft", "torchao-qat", "torchao-qat-ckpt")
+TRAINED = ("lrqat-w4", "lrqat-w4-packed", "lrqat-w4-nockpt", "peqa-w4", "full-ft", "torchao-qat", "torchao-qat-ckpt")
 EVAL_ONLY = ("fp", "rtn-w4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "torchao-qat"  # ratios are quoted against full-model QAT, as in the paper
+LRQAT_VARIANTS = {"lrqat-w4-packed": ("lrqat-w4", {"phi_format": "int-packed"}),
+                  "lrqat-w4-nockpt": ("lrqat-w4", {"checkpoint": "none"})}
 
 
 def build(config: str, model: torch.nn.Module):
@@ -30,9 +34,8 @@ def build(config: str, model: torch.nn.Module):
 
     if config == "fp":
         return model, None
-    if config in ("rtn-w4", "peqa-w4", "lrqat-w4", "lrqat-w4-packed"):
-        plan = "lrqat-w4" if config == "lrqat-w4-packed" else config
-        options = {"phi_format": "int-packed"} if config == "lrqat-w4-packed" else {}
+    if config in ("rtn-w4", "peqa-w4", "lrqat-w4", *LRQAT_VARIANTS):
+        plan, options = LRQAT_VARIANTS.get(config, (config, {}))
         qm = qgraph.transform(model, plan, **options)
         if config == "rtn-w4":
             return qm, None
