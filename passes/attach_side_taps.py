@@ -36,9 +36,14 @@ class SideTapsOptions:
     layer_stride: int = 1  # one side block per k-th backbone layer, counted back from the last
     # side attention heads; None: the backbone's head count, lowered until heads of even size fit
     heads: int | None = None
+    # the side network's initial weights come from this seed, not the global RNG (which torch seeds
+    # at random in every process): the same plan gives the same module
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check_positive("r", self.r, "16 is the paper's default")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.downsample not in DOWNSAMPLE_KINDS:
             raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_KINDS)}, got {self.downsample!r}")
         _check_positive("adapter_rank", self.adapter_rank, "the adapter's bottleneck width, 16 by default")
@@ -155,7 +160,9 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     config = side_config(gm, blocks, len(taps), options)
     masks = [n for n in gm.graph.find_nodes(op="placeholder") if n.target == MASK_INPUT]
 
-    side = SideNetwork(config).to(_device(gm))
+    with torch.random.fork_rng(devices=[]):  # built on the CPU from a private stream, then moved
+        torch.manual_seed(options.seed)
+        side = SideNetwork(config).to(_device(gm))
     gm.add_submodule(SIDE_MODULE, side)
     graph = gm.graph
     with graph.inserting_before(head.node):

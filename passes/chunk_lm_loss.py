@@ -1,6 +1,6 @@
 """chunk_lm_loss: move the LM head out of the graph so the loss never builds the whole logits tensor.
 
-The graph then returns the hidden state that entered the head; `QGraphModule` computes the loss from
+The graph then returns the hidden state that entered the head; `HFQGraphModule` computes the loss from
 it with `qgraph.loss.linear_cross_entropy`, a chunk of tokens at a time (and the full logits only
 when they are asked for). Only a head whose output is the graph's output qualifies: a head followed
 by more work (a classifier's pooling, logit soft-capping) is left alone and reported.
@@ -53,7 +53,8 @@ def chunk_lm_loss(gm: fx.GraphModule, context: PassContext, options: ChunkLMLoss
         report.records.append(SiteRecord(head.path, SKIPPED, reason=reason))
         return PassResult(gm, modified=False, report=report)
     _return_head_input(gm, head)
-    # a new CaptureInfo rather than an edit of the captured one: the pass changes only the graph it returns
+    # a new CaptureInfo (shallow: config and example inputs stay shared) rather than an edit of the
+    # captured one, which other graph modules may share (finalize's copy shares it with the original)
     gm.meta["qgraph"] = dataclasses.replace(info, lm_head=LMHead(head.weight_name, head.bias_name,
                                                                 options.chunk_tokens))
     report.records.append(SiteRecord(

@@ -49,6 +49,9 @@ class LRQATOptions:
     # module-path globs; None selects every linear inside a decoder block (not embeddings or lm_head)
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
+    # B's Kaiming-uniform init draws from this seed, not the global RNG (which torch seeds at random
+    # in every process): the same plan gives the same module
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -64,6 +67,7 @@ class LRQATOptions:
             raise ValueError(f"init must be one of {', '.join(SCALE_INIT_METHODS)}, got {self.init!r}")
         _check_number("p", self.p, "a positive number (the norm of the lp range search; 4 in the paper)")
         _check_int("n_candidates", self.n_candidates, 1, "a positive integer (scales tried per group)")
+        _check_int("seed", self.seed, 0, "a non-negative integer")
         for name in ("train_ab", "train_scale", "per_channel_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -116,11 +120,12 @@ def lrqat(gm: fx.GraphModule, context: PassContext, options: LRQATOptions) -> Pa
 
     trainable = context.trainable.setdefault(PASS_NAME, [])
     fallback_set = set(fallbacks)
+    generator = torch.Generator().manual_seed(options.seed)  # one stream for the pass: B differs per layer
     for site, group_size, reason in plans:
         if group_size is None:
             report.records.append(SiteRecord(site.path, SKIPPED, reason=reason))
             continue
-        record, names = _rewrite(gm, site, group_size, options, fallback=site in fallback_set)
+        record, names = _rewrite(gm, site, group_size, options, generator, fallback=site in fallback_set)
         report.records.append(record)
         trainable.extend(names)
     return PassResult(gm, modified=bool(report.rewritten), report=report)
@@ -162,7 +167,7 @@ def attribute_names(site: LinearSite) -> dict[str, str]:
 
 
 def _rewrite(gm: fx.GraphModule, site: LinearSite, group_size: int, options: LRQATOptions,
-             *, fallback: bool) -> tuple[SiteRecord, list[str]]:
+             generator: torch.Generator, *, fallback: bool) -> tuple[SiteRecord, list[str]]:
     weight = site_weight(gm, site)
     bits, rank = options.bits, options.rank
     scale0 = init_scale(weight, bits, group_size, options.init, options.p, options.n_candidates)
@@ -170,8 +175,9 @@ def _rewrite(gm: fx.GraphModule, site: LinearSite, group_size: int, options: LRQ
     # A, B and s in the scale's dtype (at least float32): small, and trained in full precision.
     dtype, device = scale0.dtype, weight.device
     lora_a = nn.Parameter(torch.zeros(site.out_features, rank, dtype=dtype, device=device))
-    lora_b = nn.Parameter(torch.empty(rank, site.in_features, dtype=dtype, device=device))
-    nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))  # as nn.Linear initialises its weight
+    lora_b = torch.empty(rank, site.in_features, dtype=dtype)  # drawn on the CPU, where the generator is
+    nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5), generator=generator)  # as nn.Linear initialises its weight
+    lora_b = nn.Parameter(lora_b.to(device))
     scale = nn.Parameter(scale0.clone())
     names = attribute_names(site)
     tensors = {names[PHI0]: phi0, names[LORA_A]: lora_a, names[LORA_B]: lora_b, names[SCALE]: scale}

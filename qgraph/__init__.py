@@ -5,12 +5,13 @@ from qgraph.api import transform
 from qgraph.capture import capture
 from qgraph.errors import CaptureError, PassError, PlanError, QGraphError, VerificationError
 from qgraph.finalize import finalize
-from qgraph.module import QGraphModule
+from qgraph.module import HFQGraphModule, QGraphModule
 from qgraph.optim import param_groups
 from qgraph.plans import Plan, plans
 from qgraph.side_io import load_side, save_side
 
 __all__ = [
-    "CaptureError", "PassError", "Plan", "PlanError", "QGraphError", "QGraphModule", "VerificationError",
+    "CaptureError", "HFQGraphModule", "PassError", "Plan", "PlanError", "QGraphError", "QGraphModule",
+    "VerificationError",
     "capture", "finalize", "load_side", "param_groups", "plans", "save_side", "transform",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 
 from qgraph.capture import capture, capture_info
 from qgraph.errors import PlanError, unknown_name_message
-from qgraph.module import QGraphModule, wrap
+from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
 from qgraph.plans import Plan, get_plan, resolve_steps, with_checkpoint
 from qgraph.report import TransformReport
@@ -60,7 +60,7 @@ def transform(
             report.trainable_params += param.numel()
         else:
             report.frozen_params += param.numel()
-    return wrap(gm, report, plan, capture_info(gm), compile=compile)  # as the passes left it
+    return wrap_graph_module(gm, report, plan, capture_info(gm), compile=compile)  # as the passes left it
 
 
 def freeze_untrained(gm: nn.Module, trainable: set[str]) -> None:

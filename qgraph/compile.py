@@ -21,6 +21,9 @@ def inductor_backend(graph: fx.GraphModule, example_inputs: Sequence[Any]) -> Ca
     return compile_fx(graph, example_inputs, decompositions={**select_decomp_table(), **inductor_decompositions()})
 
 
-def compile_module(module: torch.nn.Module | Callable, **options: Any) -> Callable:
-    """`torch.compile(module, **options)` through `inductor_backend`."""
-    return torch.compile(module, backend=inductor_backend, **options)
+def compile_module(module: Callable, *, dynamic: bool | None = None, fullgraph: bool = False) -> Callable:
+    """`torch.compile(module, dynamic=..., fullgraph=...)` through `inductor_backend`.
+
+    Not `mode=` or `options=`: torch.compile hands those to a callable backend as keyword arguments,
+    which inductor_backend does not take."""
+    return torch.compile(module, backend=inductor_backend, dynamic=dynamic, fullgraph=fullgraph)

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import warnings
 
-from qgraph.module import QGraphModule, wrap
+from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
 from qgraph.plans import CHECKPOINT_PASS, PassConfig, Plan
 from qgraph.report import TransformReport
@@ -56,4 +56,4 @@ def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
     for param in gm.parameters():
         param.requires_grad_(False)
         report.frozen_params += param.numel()
-    return wrap(gm, report, plan, info, compile=compile)
+    return wrap_graph_module(gm, report, plan, info, compile=compile)

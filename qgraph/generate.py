@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from qgraph.errors import QGraphError
+from qgraph.module import HFQGraphModule
 
 
 def generate(
@@ -60,8 +61,6 @@ def generate(
 
 
 def _next_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    from qgraph.module import HFQGraphModule
-
     if isinstance(model, HFQGraphModule):
         return model.next_token_logits(input_ids, attention_mask)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]

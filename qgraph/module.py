@@ -18,8 +18,8 @@ from qgraph.report import TransformReport
 
 
 class QGraphModule(nn.Module):
-    """Wraps the rewritten GraphModule. `forward` takes what the original model took (for Hugging
-    Face models: input_ids, attention_mask, labels) and returns the model's own output type."""
+    """Wraps the rewritten GraphModule of a plain module: `forward` takes what the original module
+    took and returns what it returned. Hugging Face models get `HFQGraphModule`."""
 
     def __init__(self, graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo,
                  *, compile: bool = False) -> None:
@@ -88,16 +88,22 @@ class HFQGraphModule(QGraphModule):
         bias = get_attr_tensor(self.graph_module, head.bias) if head.bias else None
         return get_attr_tensor(self.graph_module, head.weight), bias
 
-    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, vocab): the logits at each row's last position, what a decoding step reads.
 
         When chunk_lm_loss moved the head out of the graph, the head runs on that position alone
         rather than on every position (a fifth of SmolLM2's compute per token is its head)."""
+        if not self.info.model_class.endswith("ForCausalLM"):
+            raise QGraphError(f"next-token logits need a causal language model; this one is a {self.info.model_class} "
+                              "(call it for its logits instead)")
         self._check_shape(input_ids)
-        hidden = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs).logits
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
         if self.info.lm_head is None:
-            return hidden[:, -1]
-        return F.linear(hidden[:, -1], *self._head_parameters())
+            return output.logits[:, -1]
+        head_input = output.logits  # the graph returns the hidden state the head reads
+        return F.linear(head_input[:, -1], *self._head_parameters())
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, **loss_kwargs: Any) -> torch.Tensor:
         """The original model's own loss function, called the way its forward calls it."""
@@ -122,7 +128,7 @@ class HFQGraphModule(QGraphModule):
         return generate(self, input_ids, **kwargs)
 
 
-def wrap(graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo, *,
+def wrap_graph_module(graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo, *,
          compile: bool = False) -> QGraphModule:
     """The module transform and finalize return: HFQGraphModule for a Hugging Face model."""
     module_class = HFQGraphModule if info.kind == "hf" else QGraphModule

@@ -10,6 +10,7 @@ from qgraph.capture import MAX_BATCH
 from qgraph.graph import count_ops
 from qgraph.models import tiny_sequence_classifier
 from qgraph.ops.nf4 import decode_nf4, quantize_nf4
+from tests.conftest import make_llama
 
 NF4 = torch.ops.qgraph.nf4_linear
 aten = torch.ops.aten
@@ -196,3 +197,18 @@ def test_torch_compile_matches_eager(llama_nf4, make_ids):
         with torch.no_grad():
             torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits,
                                        rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("plan", "seed_option"), [("lrqat-w4", "lrqat.seed"), ("qst-nf4", "attach_side_taps.seed")])
+def test_new_parameters_come_from_the_plans_seed_not_the_global_rng(plan, seed_option):
+    model = make_llama()
+
+    def state(**options):
+        return {k: v.clone() for k, v in qgraph.transform(model, plan, **options).state_dict().items()}
+
+    torch.manual_seed(1)
+    first = state()
+    torch.manual_seed(2)  # torch seeds its global RNG at random in each process: this stands for that
+    assert all(torch.equal(first[k], v) for k, v in state().items())
+    reseeded = state(**{seed_option: 1})
+    assert any(not torch.equal(first[k], v) for k, v in reseeded.items())

@@ -133,3 +133,25 @@ def test_next_token_logits_are_forwards_last_position(plan):
         got = qm.next_token_logits(ids, mask)
     assert got.shape == (2, qm.info.config.vocab_size)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_out_of_graph_head_reads_the_last_position_only(monkeypatch):
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "lrqat-w4").eval()
+    head_weight, _ = qm._head_parameters()
+    linear, head_inputs = torch.nn.functional.linear, []
+
+    def spy(x, weight, bias=None):
+        if weight is head_weight:
+            head_inputs.append(tuple(x.shape))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with torch.no_grad():
+        qm.next_token_logits(random_ids((2, 9), seed=6))
+    assert head_inputs == [(2, qm.info.config.hidden_size)]
+
+
+def test_next_token_logits_needs_a_causal_lm():
+    classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1), "nf4")
+    with pytest.raises(QGraphError, match="need a causal language model; this one is a LlamaForSequence"):
+        classifier.next_token_logits(random_ids((1, 4)))

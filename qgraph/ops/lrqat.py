@@ -252,7 +252,7 @@ def lrqat_linear_compiled(x: Tensor, phi0: Tensor, lora_a: Tensor, lora_b: Tenso
     return F.linear(x, dequantized_weight(w_int, scale, group_size, x.dtype), bias)
 
 
-def inductor_decompositions() -> dict:
+def inductor_decompositions() -> dict[torch._ops.OpOverload, Callable[..., Tensor]]:
     """The op -> plain-ops table inductor compiles lrqat_linear with (`qgraph.compile.inductor_backend`
     adds it to inductor's own table for one compile). Eager, torch.export and dynamo's graph keep the
     single op node."""

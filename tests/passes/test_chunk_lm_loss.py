@@ -87,3 +87,15 @@ def test_gpt2_tied_head_chunks_too():
 def test_bad_chunk_size_is_an_error_before_capture():
     with pytest.raises(qgraph.PlanError, match="chunk_tokens must be a positive"):
         qgraph.transform(make_llama(), NF4_CHUNKED, chunk_tokens=0)
+
+
+def test_the_captured_info_is_left_as_captured():
+    from passes.chunk_lm_loss import ChunkLMLossOptions, chunk_lm_loss
+    from qgraph.capture import capture, capture_info
+    from qgraph.pipeline import PassContext
+
+    gm = capture(make_llama())
+    captured = capture_info(gm)
+    chunk_lm_loss(gm, PassContext(example_inputs=captured.example_inputs), ChunkLMLossOptions())
+    assert captured.lm_head is None  # what else shares it (finalize's copy) still sees the head in the graph
+    assert capture_info(gm).lm_head.weight == "lm_head.weight"
