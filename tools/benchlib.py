@@ -35,6 +35,8 @@ class Result:
     step_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     perplexity: float = 0.0
+    # the flags it ran with (steps aside), so that --reuse never mixes runs made with different ones
+    settings: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
     model, tokenizer = load_smollm2(progress=False)
     train_text, heldout_text = train_heldout_split()
     heldout = token_blocks(heldout_text, tokenizer, block_len)[:eval_blocks]
-    result = Result(config, steps if config in bench.trained else 0)
+    result = Result(config, steps if config in bench.trained else 0,
+                    settings=_settings(timing_steps, eval_blocks, batch_size, block_len))
     reset_peak_rss()
     module, optimizer = bench.build(config, model)
     if optimizer is not None:
@@ -151,10 +154,13 @@ def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Re
         json_path = args.out / f"{config}.json"
         if args.reuse and json_path.exists():
             data = json.loads(json_path.read_text())
-            if data["steps"] != steps:
-                raise SystemExit(f"--reuse: {json_path} ran {data['steps']} steps, not {steps}; "
-                                 "delete it or drop --reuse")
-            console.print(f"{config}: reused {json_path}")
+            ran = {"steps": data["steps"], **data.get("settings", {})}
+            wanted = {"steps": steps, **_settings(args.timing_steps, args.eval_blocks, args.batch_size, args.block_len)}
+            differ = [f"{k} {ran[k]}, not {v}" for k, v in wanted.items() if k in ran and ran[k] != v]
+            if differ:
+                raise SystemExit(f"--reuse: {json_path} ran with other flags ({'; '.join(differ)}); "
+                                 "delete it, run with its flags, or drop --reuse")
+            console.print(f"{config}: reused {json_path}" + ("" if "settings" in data else " (it records steps only)"))
         else:
             flags = ["--run", config, *_shared_flags(args)]
             data = run_in_subprocess(bench.script, flags, json_path, f"{config}: {steps} steps", console)
@@ -162,6 +168,10 @@ def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Re
             results.append(Result(**data))
             console.print(f"{config}: done ({_summary(results[-1])})")
     return results
+
+
+def _settings(timing_steps: int, eval_blocks: int, batch_size: int, block_len: int) -> dict[str, int]:
+    return {"timing_steps": timing_steps, "eval_blocks": eval_blocks, "batch_size": batch_size, "block_len": block_len}
 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
@@ -232,7 +242,7 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=bench.default_out)
     parser.add_argument("--reuse", action="store_true",
                         help="load a configuration's result from OUT/CONFIG.json when it exists (a long run "
-                             "resumed, or configurations run apart with --run); it must be run with the same flags")
+                             "resumed, or configurations run apart with --run); it fails on one run with other flags")
     args = parser.parse_args(argv)
     if args.steps < MEMORY_STEPS + args.timing_steps:
         parser.error(f"--steps must be at least {MEMORY_STEPS + args.timing_steps} "
