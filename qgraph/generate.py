@@ -79,10 +79,9 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None
 
 def _check_arguments(model: nn.Module, input_ids: Tensor, max_new_tokens: int, temperature: float,
                      top_k: int | None) -> None:
+    if isinstance(model, HFQGraphModule):
+        model.require_causal_lm("generate needs")
     info: Any = getattr(model, "info", None)
-    if info is not None and not str(info.model_class).endswith("ForCausalLM"):
-        raise QGraphError(f"generate needs a causal language model; this one is a {info.model_class} "
-                          "(call it for its logits instead)")
     if input_ids.dim() != 2:
         raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -93,9 +93,7 @@ class HFQGraphModule(QGraphModule):
 
         When chunk_lm_loss moved the head out of the graph, the head runs on that position alone
         rather than on every position (a fifth of SmolLM2's compute per token is its head)."""
-        if not self.info.model_class.endswith("ForCausalLM"):
-            raise QGraphError(f"next-token logits need a causal language model; this one is a {self.info.model_class} "
-                              "(call it for its logits instead)")
+        self.require_causal_lm("next-token logits need")
         self._check_shape(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -104,6 +102,12 @@ class HFQGraphModule(QGraphModule):
             return output.logits[:, -1]
         head_input = output.logits  # the graph returns the hidden state the head reads
         return F.linear(head_input[:, -1], *self._head_parameters())
+
+    def require_causal_lm(self, what: str) -> None:
+        """Raise, naming `what` needs it, unless this is a causal LM (decoding reads next-token logits)."""
+        if not self.info.model_class.endswith("ForCausalLM"):
+            raise QGraphError(f"{what} a causal language model; this one is a {self.info.model_class} "
+                              "(call it for its logits instead)")
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, **loss_kwargs: Any) -> torch.Tensor:
         """The original model's own loss function, called the way its forward calls it."""
