@@ -1,17 +1,16 @@
 """qgraph::int4_linear, the deployed form of an LR-QAT layer: y = x @ (s * codes)^T + bias.
 
 Codes are b-bit integers, packed two per byte (uint8, `qgraph.quant.downcast.pack_int4`) for b <= 4
-and int8 for b > 4. `fold_lrqat_weight` turns a trained lrqat_linear into such codes; the weight is
-dequantized by the same function as lrqat_linear's, so the folded layer's output is bitwise equal.
+and int8 for b > 4. `fold_lrqat_weight` turns a trained lrqat_linear into such codes; both ops end in the
+same `scaled_linear`, so the folded layer's output is bitwise equal.
 """
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from qgraph.ops.lrqat import dequantized_weight, rebuild_weight, weight_dtype
+from qgraph.ops.lrqat import input_grad, rebuild_weight, scaled_linear, weight_dtype
 from qgraph.quant.downcast import pack_codes, unpack_codes
 from qgraph.quant.uniform import grid_bounds, scale_shape
 
@@ -36,13 +35,6 @@ def check_int4_args(
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
 
 
-def int4_weight(
-    codes: Tensor, scale: Tensor, bits: int, group_size: int, in_features: int, dtype: torch.dtype
-) -> Tensor:
-    """s * codes as a (out, in) `dtype` tensor."""
-    return dequantized_weight(unpack_codes(codes, bits, in_features), scale, group_size, dtype)
-
-
 @torch.library.custom_op("qgraph::int4_linear", mutates_args=())
 def int4_linear(
     x: Tensor,
@@ -55,7 +47,7 @@ def int4_linear(
 ) -> Tensor:
     """y = x @ (s * codes)^T + bias with b-bit codes; group_size <= 0 means per-channel scales."""
     check_int4_args(x, codes, scale, bias, bits, group_size, in_features)
-    return F.linear(x, int4_weight(codes, scale, bits, group_size, in_features, x.dtype), bias)
+    return scaled_linear(x, unpack_codes(codes, bits, in_features), scale, bias, group_size)
 
 
 @int4_linear.register_fake
@@ -78,9 +70,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     codes, scale = ctx.saved_tensors
+    bits, group_size, in_features = ctx.weight_args
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad_out @ int4_weight(codes, scale, *ctx.weight_args, grad_out.dtype)
+        grad_x = input_grad(grad_out, unpack_codes(codes, bits, in_features), scale, group_size)
     if ctx.needs_input_grad[3]:
         grad_bias = grad_out.reshape(-1, codes.shape[0]).sum(0).to(ctx.bias_dtype)
     return grad_x, None, None, grad_bias, None, None, None
@@ -101,7 +94,5 @@ def fold_lrqat_weight(
 ) -> tuple[Tensor, Tensor]:
     """(codes, scale) for int4_linear: W_int = clamp(round(phi^-1(Phi0) + c A @ B)) packed, s detached."""
     scale = scale.detach()
-    w_int, _ = rebuild_weight(
-        phi0, lora_a.detach(), lora_b.detach(), bits, lora_scale, phi_format, weight_dtype(scale)
-    )
+    w_int = rebuild_weight(phi0, lora_a.detach(), lora_b.detach(), bits, lora_scale, phi_format, weight_dtype(scale))
     return pack_codes(w_int.to(torch.int8), bits), scale

@@ -71,13 +71,25 @@ def upcast(
 
     May return `phi` itself when it already has `dtype`: callers must not modify the result in place.
     """
+    values, factor = upcast_unscaled(phi, fmt, bits, in_features, dtype)
+    # Multiplying by a power of two is exact: the fixed-point value comes back unchanged.
+    return values if factor == 1 else values * factor
+
+
+def upcast_unscaled(
+    phi: Tensor, fmt: str, bits: int, in_features: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, float]:
+    """phi^-1 as (values, factor) with phi^-1(phi) = factor * values, factor a power of two.
+
+    The fixed-point format's 2^-(8-b) is left to the caller, who can fold it into the next operation
+    (an addmm's beta) instead of spending a pass over the weight on it. `values` may be `phi` itself.
+    """
     check_phi_format(fmt)
     if fmt == "fixed":
-        # Dividing by a power of two is exact: the fixed-point value comes back unchanged.
-        return phi.to(dtype) / 2 ** fractional_bits(bits)
+        return phi.to(dtype), 2.0 ** -fractional_bits(bits)
     if fmt == "int-packed":
-        return unpack_codes(phi, bits, in_features).to(dtype)
-    return phi.to(dtype)
+        return unpack_codes(phi, bits, in_features).to(dtype), 1.0
+    return phi.to(dtype), 1.0
 
 
 def pack_int4(codes: Tensor) -> Tensor:

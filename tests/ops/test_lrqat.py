@@ -12,7 +12,11 @@ from qgraph.ops.lrqat import (
     lrqat_linear_forward,
     lrqat_linear_reference,
     phi0_from_weight,
+    in_range_mask,
     rebuild_weight,
+    rebuild_weight_and_saturated_rows,
+    rounded_grid_values,
+    scaled_linear,
 )
 from qgraph.quant.downcast import PHI_FORMATS
 from qgraph.quant.uniform import fake_quantize, grid_bounds, init_scale, quantize_to_codes
@@ -75,21 +79,28 @@ class StraightThroughSurrogate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, phi0, lora_a, lora_b, scale, bias, bits, group_size, lora_scale, phi_format):
-        ctx.save_for_backward(x, phi0, lora_a, lora_b, scale)
-        ctx.quant_args = (bits, group_size, lora_scale, phi_format)
-        return lrqat_linear_forward(
+        y = lrqat_linear_forward(
             x, phi0, lora_a, lora_b, scale, bias, bits, group_size, lora_scale, phi_format, identity
         )
+        ctx.save_for_backward(x, y, phi0, lora_a, lora_b, scale, bias)
+        ctx.quant_args = (bits, group_size, lora_scale, phi_format)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         needs = ctx.needs_input_grad
         grads = lrqat_linear_backward(
-            grad_out, *ctx.saved_tensors, *ctx.quant_args,
-            (needs[0], needs[2], needs[3], needs[4], needs[5]), identity,
+            grad_out, *ctx.saved_tensors, *ctx.quant_args, (needs[0], needs[2], needs[3], needs[4], needs[5]), identity,
         )
         grad_x, grad_a, grad_b, grad_scale, grad_bias = grads
         return grad_x, None, grad_a, grad_b, grad_scale, grad_bias, None, None, None, None
+
+
+def in_range(layer, round_fn=torch.round):
+    """M, the whole in-range mask of a layer."""
+    z = rounded_grid_values(layer["phi0"], layer["lora_a"], layer["lora_b"], layer["bits"], LORA_SCALE,
+                            layer["phi_format"], layer["scale"].dtype, round_fn)
+    return in_range_mask(z, layer["bits"])
 
 
 @pytest.mark.parametrize(("fmt", "bits", "group_size"), FORMATS_BITS_GROUPS)
@@ -144,25 +155,58 @@ def test_gradcheck_x_scale_bias(fmt, bits, group_size):
     assert torch.autograd.gradcheck(lrqat_linear, positional(layer))
 
 
+@pytest.mark.parametrize("interior", [True, False], ids=["interior", "saturated"])
 @pytest.mark.parametrize(("fmt", "bits", "group_size"), FORMATS_BITS_GROUPS)
-def test_gradcheck_straight_through_formulas(fmt, bits, group_size):
-    layer = make_layer(fmt, bits, group_size, interior=True)
-    _, in_range = rebuild_weight(layer["phi0"], layer["lora_a"], layer["lora_b"], bits, LORA_SCALE,
-                                 fmt, torch.float64, identity)
-    assert in_range.all()
+def test_gradcheck_straight_through_formulas(fmt, bits, group_size, interior):
+    layer = make_layer(fmt, bits, group_size, interior=interior)
+    mask = in_range(layer, identity)
+    # "saturated": the clamp cuts some entries, so the correction for M = 0 is what gradcheck checks
+    assert mask.all() if interior else 0 < mask.sum() < mask.numel()
     assert torch.autograd.gradcheck(StraightThroughSurrogate.apply, positional(layer))
 
 
 @pytest.mark.parametrize(("fmt", "bits", "group_size"), FORMATS_BITS_GROUPS)
 def test_gradients_equal_reference_autograd(fmt, bits, group_size):
     layer = make_layer(fmt, bits, group_size)
-    _, in_range = rebuild_weight(layer["phi0"], layer["lora_a"], layer["lora_b"], bits, LORA_SCALE,
-                                 fmt, torch.float64)
-    assert 0 < in_range.sum() < in_range.numel(), "the clamp mask must be exercised"
+    mask = in_range(layer)
+    assert 0 < mask.sum() < mask.numel(), "the clamp mask must be exercised"
     tensors = [layer[name] for name in TRAINABLE]
     grad_out = torch.randn(2, 3, OUT, dtype=torch.float64)
     grads = torch.autograd.grad(lrqat_linear(**layer), tensors, grad_out)
     expected = torch.autograd.grad(lrqat_linear_reference(**layer), tensors, grad_out)
+    for name, got, want in zip(TRAINABLE, grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"d{name}")
+
+
+def test_saturated_rows_are_the_rows_where_the_clamp_cuts():
+    layer = make_layer("fixed", 4, -1)
+    mask = in_range(layer)
+    _, rows, in_range_rows = rebuild_weight_and_saturated_rows(
+        layer["phi0"], layer["lora_a"], layer["lora_b"], 4, LORA_SCALE, "fixed", torch.float64)
+    assert rows.tolist() == (~mask).any(1).nonzero().squeeze(1).tolist() and 0 < len(rows) < OUT
+    assert torch.equal(in_range_rows, mask[rows])
+
+
+def test_backward_op_opcheck_and_empty_gradients_not_asked_for():
+    layer = make_layer("fixed", 4, -1, dtype=torch.float32)
+    output = lrqat_linear(**layer).detach()
+    args = (torch.randn_like(output), layer["x"].detach(), output, layer["phi0"],
+            *(layer[k].detach() for k in ("lora_a", "lora_b", "scale", "bias")), 4, -1, LORA_SCALE, "fixed")
+    torch.library.opcheck(torch.ops.qgraph.lrqat_linear_backward, (*args, [True] * 5))
+    grads = torch.ops.qgraph.lrqat_linear_backward(*args, [True, False, True, False, False])
+    assert [tuple(g.shape) for g in grads] == [(2, 3, IN), (0,), (RANK, IN), (0,), (0,)]
+
+
+def test_scale_gradient_of_a_zero_scale_is_computed_from_x():
+    # per-channel ds reads u = (y - bias) / s off the output; a zero scale has no u to recover there
+    layer = make_layer("fixed", 4, -1)
+    with torch.no_grad():
+        layer["scale"][3] = 0.0
+    tensors = [layer[name] for name in TRAINABLE]
+    grad_out = torch.randn(2, 3, OUT, dtype=torch.float64)
+    grads = torch.autograd.grad(lrqat_linear(**layer), tensors, grad_out)
+    expected = torch.autograd.grad(lrqat_linear_reference(**layer), tensors, grad_out)
+    assert expected[3][3] != 0
     for name, got, want in zip(TRAINABLE, grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"d{name}")
 
@@ -184,12 +228,17 @@ def weight_sized_non_inputs(saved, layer):
     return [t for t in saved if (t.data_ptr(), tuple(t.shape)) not in inputs and t.numel() >= OUT * IN // 4]
 
 
-def test_saves_only_its_inputs_for_backward():
-    layer = make_layer("fixed", 4, 8)
+@pytest.mark.parametrize("group_size", [8, -1])
+def test_saves_only_its_inputs_for_backward(group_size):
+    layer = make_layer("fixed", 4, group_size)
     layer["x"] = torch.randn(2, IN, dtype=torch.float64, requires_grad=True)  # far smaller than W
-    saved = saved_for_backward(lrqat_linear, layer)
-    inputs = {(t.data_ptr(), tuple(t.shape)) for t in layer.values() if isinstance(t, torch.Tensor)}
-    assert saved and all((t.data_ptr(), tuple(t.shape)) in inputs for t in saved)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, identity):
+        output = lrqat_linear(**layer)
+    # and per-channel, for ds, its own output: activation-sized
+    kept = {(t.data_ptr(), tuple(t.shape)) for t in [*layer.values(), output] if isinstance(t, torch.Tensor)}
+    assert saved and all((t.data_ptr(), tuple(t.shape)) in kept for t in saved)
+    assert (output.data_ptr() in {t.data_ptr() for t in saved}) == (group_size == -1)
     assert all(t.numel() < OUT * IN for t in saved if t.data_ptr() != layer["phi0"].data_ptr())
     # The check above would catch a weight-sized tensor: the plain autograd reference keeps several.
     assert weight_sized_non_inputs(saved_for_backward(lrqat_linear_reference, layer), layer)
@@ -210,17 +259,20 @@ def test_step_zero_is_rtn_exactly(fmt, bits, group_size):
     torch.manual_seed(0)
     weight, x = torch.randn(OUT, IN), torch.randn(5, IN)
     scale0 = init_scale(weight, bits, group_size)
-    y = lrqat_linear(x, phi0_from_weight(weight, scale0, bits, group_size, fmt), torch.zeros(OUT, RANK),
-                     torch.randn(RANK, IN), scale0, None, bits, group_size, LORA_SCALE, fmt)
-    assert torch.equal(y, F.linear(x, fake_quantize(weight, scale0, bits, group_size)))
+    phi0, lora_a, lora_b = phi0_from_weight(weight, scale0, bits, group_size, fmt), torch.zeros(OUT, RANK), torch.randn(RANK, IN)
+    rtn_codes = quantize_to_codes(weight, scale0, bits, group_size)
+    assert torch.equal(rebuild_weight(phi0, lora_a, lora_b, bits, LORA_SCALE, fmt, torch.float32), rtn_codes.float())
+    y = lrqat_linear(x, phi0, lora_a, lora_b, scale0, None, bits, group_size, LORA_SCALE, fmt)
+    assert torch.equal(y, scaled_linear(x, rtn_codes, scale0, None, group_size))
+    # the RTN weight s0 * W_int applied as a float weight: the same product, rounded in another order
+    torch.testing.assert_close(y, F.linear(x, fake_quantize(weight, scale0, bits, group_size)), rtol=1e-5, atol=1e-5)
 
 
 def fixed_point_codes_at_step_zero(grid_units, bits):
     """W_int of a per-channel layer with s0 = 1 (so W0 / s0 = W0) and A = 0, fixed-point Phi0."""
     phi0 = phi0_from_weight(grid_units, torch.ones(grid_units.shape[0], 1), bits, -1, "fixed")
     lora_a, lora_b = torch.zeros(grid_units.shape[0], RANK), torch.randn(RANK, grid_units.shape[1])
-    w_int, _ = rebuild_weight(phi0, lora_a, lora_b, bits, LORA_SCALE, "fixed", torch.float32)
-    return w_int
+    return rebuild_weight(phi0, lora_a, lora_b, bits, LORA_SCALE, "fixed", torch.float32)
 
 
 def test_fixed_point_step_zero_is_rtn_except_near_half_integers():

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import qgraph
 from passes.lrqat import LORA_A, LORA_B, PHI0, SCALE, LRQATOptions, lrqat
@@ -13,7 +14,7 @@ from qgraph.models import tiny_causal_lm
 from qgraph.ops.lrqat import rebuild_weight
 from qgraph.pipeline import PassContext
 from qgraph.quant.downcast import fractional_bits
-from qgraph.quant.uniform import fake_quantize, init_scale, quantize_to_codes
+from qgraph.quant.uniform import init_scale, quantize_to_codes
 
 LRQAT = torch.ops.qgraph.lrqat_linear
 LAYERS, HIDDEN = 2, 64
@@ -42,15 +43,31 @@ def node_tensors(qm, node):
             for name, arg in zip(("phi0", "lora_a", "lora_b", "scale"), node.args[1:5], strict=True)}
 
 
-def rtn_reference(model, paths, bits=4, group_size=-1):
-    """A copy of `model` with each weight at `paths` replaced by its RTN fake-quantized self (plain PyTorch)."""
+class RTNLinear(nn.Module):
+    """A round-to-nearest quantized linear in plain PyTorch: y = (x @ W_int^T) * s + bias, the per-channel
+    scale applied after the matmul as integer kernels apply it."""
+
+    def __init__(self, weight, bias, bits):
+        super().__init__()
+        scale = init_scale(weight, bits, -1)
+        self.register_buffer("codes", quantize_to_codes(weight, scale, bits, -1).float())
+        self.register_buffer("scale", scale[:, 0])
+        self.bias = bias
+
+    def forward(self, x):
+        y = F.linear(x, self.codes) * self.scale
+        return y if self.bias is None else y + self.bias
+
+
+def rtn_reference(model, paths, bits=4):
+    """A copy of `model` with each linear at `paths` replaced by its RTN-quantized self (plain PyTorch)."""
     ref = copy.deepcopy(model)
     for path in paths:
         module = ref.get_submodule(path)
         transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
         w = module.weight.detach().t() if transposed else module.weight.detach()
-        q = fake_quantize(w, init_scale(w, bits, group_size), bits, group_size)
-        module.weight = nn.Parameter((q.t() if transposed else q).contiguous())
+        owner, _, name = path.rpartition(".")
+        setattr(ref.get_submodule(owner), name, RTNLinear(w.contiguous(), module.bias, bits))
     return ref
 
 
@@ -165,8 +182,8 @@ def test_fixed_point_phi_differs_from_rtn_only_at_near_ties(llama, llama_w4):
         t = node_tensors(llama_w4, node)
         path = node.args[1].target.rpartition(".")[0]
         w0 = llama.get_submodule(path).weight.detach()
-        w_int, _ = rebuild_weight(t["phi0"], t["lora_a"].detach(), t["lora_b"].detach(), bits, 1 / 32, "fixed",
-                                  torch.float32)
+        w_int = rebuild_weight(t["phi0"], t["lora_a"].detach(), t["lora_b"].detach(), bits, 1 / 32, "fixed",
+                               torch.float32)
         rtn = quantize_to_codes(w0, t["scale"].detach(), bits, -1).float()
         units = w0 / t["scale"].detach()
         near_tie = ((units - units.floor()) - 0.5).abs() <= 2.0 ** -(fractional_bits(bits) + 1)
