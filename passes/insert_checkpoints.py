@@ -11,6 +11,12 @@ The region takes every tensor it reads as an argument, parameters and buffers in
 get_attr nodes stay in the outer graph), so no parameter gains a second owner or a second
 state_dict key, and the qgraph ops inside (lrqat_linear, nf4_linear) run unchanged.
 
+`save` keeps some outputs instead of recomputing them (selective checkpointing, `qgraph.recompute`):
+"attention" the attention kernel's, "residual_linears" those of the linears whose output flows straight
+into the residual stream (attention's output projection, the MLP's down projection), found by structure
+in each block. The region's call then reads `checkpoint(region, ..., save_attention=True,
+save_linears=(3, 6))`.
+
 target="modules" checkpoints whole modules whose path matches `include`, one region each: a call_module
 node in the graph becomes `checkpoint(module, *args, use_reentrant=False)`; a module called inside
 another module's forward (QST's side blocks, which SideNetwork loops over) gets a forward that goes
@@ -23,15 +29,28 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from qgraph.graph import (CHECKPOINT, Block, as_patterns, checkpointed_module, decoder_blocks, flat_graph,
                           matches_any)
+from qgraph.recompute import QGRAPH_NAMESPACE
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import ADDED, SKIPPED, PassReport, SiteRecord
 
 PASS_NAME = "insert_checkpoints"
 TARGETS = ("blocks", "modules")
+SAVE_KINDS = ("attention", "residual_linears")
+aten = torch.ops.aten
+ATTENTION_NODES = (aten.scaled_dot_product_attention.default,)
+# graph nodes that run as exactly one counted linear op (qgraph op, mm or addmm) when dispatched
+LINEAR_NODES = (aten.linear.default, aten.mm.default, aten.addmm.default)
+# nodes that may or may not dispatch to an mm: a region holding one cannot count its linears
+AMBIGUOUS_MATMULS = (aten.matmul.default, aten.einsum.default, aten.tensordot.default, aten.bmm.default)
+# ops on the way into a residual add that pass a value on as it is (up to a cast, or dropout's scaling)
+PASS_THROUGH = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.dropout.default,
+                aten.clone.default, aten.contiguous.default, aten.alias.default, aten.to.dtype,
+                aten._to_copy.default)
 REGION_PREFIX = "checkpoint_region_"  # the outlined regions' attribute names on the graph module
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
@@ -45,6 +64,8 @@ class CheckpointOptions:
     # module-path globs (`model.layers.*`); None selects every decoder block (target="blocks")
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
+    # what a block region keeps instead of recomputing: "attention", "residual_linears" (target="blocks")
+    save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -56,6 +77,14 @@ class CheckpointOptions:
         if self.target == "modules" and not self.include:
             raise ValueError("target='modules' needs include globs naming the modules to checkpoint "
                              "(for QST's side blocks: include=('qst_side.blocks.*',))")
+        object.__setattr__(self, "save", as_patterns(self.save) or ())
+        unknown = [kind for kind in self.save if kind not in SAVE_KINDS]
+        if unknown:
+            raise ValueError(f"save={list(self.save)}: {unknown[0]!r} is not something a region can keep; choose "
+                             f"from {', '.join(SAVE_KINDS)}")
+        if self.save and self.target != "blocks":
+            raise ValueError(f"save={list(self.save)} applies to decoder-block regions; with target='modules' "
+                             "leave it empty")
         if self.target == "modules" and self.every != 1:
             raise ValueError(f"every={self.every} groups decoder blocks; with target='modules' each module is its "
                              "own region: leave every=1")
@@ -100,16 +129,24 @@ def _checkpoint_blocks(gm: fx.GraphModule, options: CheckpointOptions, report: P
     blocks = [b for b in decoder_blocks(gm) if _selected(b.path, options)]
     report.matched = len(blocks)
     # Decide every region before outlining any: a region that cannot be outlined is reported, not half-done.
-    planned = [(group, _region_problem(gm, group)) for group in group_blocks(blocks, options.every)]
-    for group, problem in planned:
+    # (What a region keeps is read off the blocks before outlining too: outlining rewires their inputs.)
+    planned = [(group, _region_problem(gm, group), _compute_nodes(group)) for group in group_blocks(blocks, options.every)]
+    planned = [(group, problem, nodes, kept_outputs(group, nodes, options.save)) for group, problem, nodes in planned]
+    for group, problem, nodes, keep in planned:
         name = _region_name(group)
         if problem:
             report.records.append(SiteRecord(name, SKIPPED, reason=problem))
             continue
-        region = outline_region(gm, [n for block in group for n in block.nodes if n.op in COMPUTE_OPS],
-                                _free_attr(gm))
+        region = outline_region(gm, nodes, _free_attr(gm), keep)
         report.records.append(SiteRecord(name, ADDED, params=_param_count(gm, region.inputs),
                                          detail=region.describe(len(group))))
+        if "residual_linears" in options.save and keep.ambiguous:
+            report.notes.append(f"{name}: {keep.ambiguous} may or may not run as an mm, so the region's linears "
+                                "cannot be counted: their outputs are recomputed")
+
+
+def _compute_nodes(group: Sequence[Block]) -> list[fx.Node]:
+    return [n for block in group for n in block.nodes if n.op in COMPUTE_OPS]
 
 
 def _region_name(group: Sequence[Block]) -> str:
@@ -119,7 +156,7 @@ def _region_name(group: Sequence[Block]) -> str:
 
 def _region_problem(gm: fx.GraphModule, group: Sequence[Block]) -> str:
     """Why these blocks cannot become one region ('' if they can)."""
-    nodes = [n for block in group for n in block.nodes if n.op in COMPUTE_OPS]
+    nodes = _compute_nodes(group)
     if any(checkpointed_module(gm, n) is not None for n in nodes):
         return "already checkpointed (insert_checkpoints ran before)"
     modules = [n.target for n in nodes if n.op == "call_module"]
@@ -153,6 +190,61 @@ def _dependents_between(gm: fx.GraphModule, inside: set[fx.Node]) -> list[fx.Nod
     return dependents
 
 
+# --- what a region keeps -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeptOutputs:
+    """What a region keeps instead of recomputing, as `qgraph.recompute.checkpoint` takes it."""
+
+    attention: bool = False
+    linears: tuple[int, ...] = ()  # ordinals among the region's linear ops
+    ambiguous: str = ""  # a node that made the linears uncountable
+
+    def kwargs(self) -> dict:
+        return {**({"save_attention": True} if self.attention else {}),
+                **({"save_linears": self.linears} if self.linears else {})}
+
+
+def is_linear_node(node: fx.Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and (
+        target in LINEAR_NODES or (isinstance(target, torch._ops.OpOverload) and target.namespace == QGRAPH_NAMESPACE))
+
+
+def residual_linears(block: Block) -> set[fx.Node]:
+    """The linear nodes whose output is added to the block's residual stream as it is (o_proj, down_proj)."""
+    residual = {_source(block.hidden_in)}
+    found = set()
+    for node in block.nodes:
+        if node.target != aten.add.Tensor:
+            continue
+        sources = [_source(arg) for arg in node.args if isinstance(arg, fx.Node)]
+        if any(source in residual for source in sources):
+            residual.add(node)
+            found.update(source for source in sources if source not in residual and is_linear_node(source))
+    return found
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """The node whose value `node` passes on unchanged (through views, casts, dropout)."""
+    while node.target in PASS_THROUGH and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def kept_outputs(group: Sequence[Block], nodes: Sequence[fx.Node], save: Sequence[str]) -> KeptOutputs:
+    attention = "attention" in save and any(n.target in ATTENTION_NODES for n in nodes)
+    if "residual_linears" not in save:
+        return KeptOutputs(attention)
+    ambiguous = next((n for n in nodes if n.target in AMBIGUOUS_MATMULS), None)
+    if ambiguous is not None:
+        return KeptOutputs(attention, ambiguous=f"{ambiguous.name} ({ambiguous.target})")
+    wanted = set().union(*(residual_linears(block) for block in group))
+    linears = [n for n in nodes if is_linear_node(n)]
+    return KeptOutputs(attention, tuple(i for i, n in enumerate(linears) if n in wanted))
+
+
 # --- outlining -----------------------------------------------------------------------------------------
 
 
@@ -164,12 +256,15 @@ class Region:
     outputs: tuple[fx.Node, ...]
     call: fx.Node
     n_ops: int
+    keep: KeptOutputs = KeptOutputs()
 
     def describe(self, n_blocks: int) -> str:
         weights = sum(n.op == "get_attr" for n in self.inputs)
         blocks = f"{n_blocks} block{'s' if n_blocks > 1 else ''}, "
+        kept = (["attention"] if self.keep.attention else []) + [f"{len(self.keep.linears)} linear output(s)"] * bool(
+            self.keep.linears)
         return (f"{blocks}{self.n_ops} ops -> {self.attr}; keeps {len(self.inputs) - weights} input(s) "
-                f"+ {weights} weight(s), recomputes the rest")
+                f"+ {weights} weight(s){''.join(', ' + k for k in kept)}, recomputes the rest")
 
 
 def _free_attr(gm: fx.GraphModule) -> str:
@@ -179,7 +274,7 @@ def _free_attr(gm: fx.GraphModule) -> str:
     return f"{REGION_PREFIX}{i}"
 
 
-def outline_region(gm: fx.GraphModule, nodes: list[fx.Node], attr: str) -> Region:
+def outline_region(gm: fx.GraphModule, nodes: list[fx.Node], attr: str, keep: KeptOutputs = KeptOutputs()) -> Region:
     """Move `nodes` (in graph order) into a sub-GraphModule `gm.<attr>`, called through checkpoint.
 
     Inputs are every value the nodes read from outside (weights included); outputs every value read
@@ -196,7 +291,7 @@ def outline_region(gm: fx.GraphModule, nodes: list[fx.Node], attr: str) -> Regio
     with graph.inserting_after(nodes[-1]):
         module_node = graph.get_attr(attr)
     with graph.inserting_after(module_node):
-        call = graph.call_function(CHECKPOINT, (module_node, *inputs), {"use_reentrant": False})
+        call = graph.call_function(CHECKPOINT, (module_node, *inputs), {"use_reentrant": False, **keep.kwargs()})
     call.meta["nn_module_stack"] = nodes[0].meta.get("nn_module_stack", {})
     anchor = call
     for i, output in enumerate(outputs):
@@ -212,7 +307,7 @@ def outline_region(gm: fx.GraphModule, nodes: list[fx.Node], attr: str) -> Regio
         anchor = node
     for node in reversed(nodes):
         graph.erase_node(node)
-    return Region(attr, region_module, inputs, outputs, call, len(nodes))
+    return Region(attr, region_module, inputs, outputs, call, len(nodes), keep)
 
 
 def _region_graph(nodes: list[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.Graph:

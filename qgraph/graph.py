@@ -15,8 +15,9 @@ from typing import Any
 
 import networkx as nx
 import torch
-import torch.utils.checkpoint
 from torch import fx, nn
+
+from qgraph.recompute import checkpoint
 
 aten = torch.ops.aten
 
@@ -299,7 +300,7 @@ def count_ops(gm: fx.GraphModule) -> dict[object, int]:
 
 # --- checkpoint regions (insert_checkpoints) -------------------------------------------------------------
 
-CHECKPOINT = torch.utils.checkpoint.checkpoint
+CHECKPOINT = checkpoint  # qgraph.recompute.checkpoint: torch.utils.checkpoint's, with what a region keeps
 
 
 def checkpointed_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -35,8 +35,11 @@ class Plan:
 CHECKPOINT_PASS = "insert_checkpoints"
 # Every plan that trains through the decoder blocks recomputes them in backward (peqa-w4 too: its
 # scales' gradients need each linear's input, so activations dominate its memory as they do LR-QAT's).
-# rtn-w4 and nf4 train nothing: there is nothing to recompute.
-CHECKPOINT_BLOCKS = PassConfig(CHECKPOINT_PASS)
+# rtn-w4 and nf4 train nothing: there is nothing to recompute. Each region keeps what is dearest to
+# recompute for its size (selective checkpointing): the attention kernel's output and the outputs of the
+# two linears that feed the residual stream. On SmolLM2-135M that is 0.2 GiB more at the peak for a
+# recompute without attention and without 2 of the 7 matmuls (tools/bench_lrqat.py).
+CHECKPOINT_BLOCKS = PassConfig(CHECKPOINT_PASS, {"save": ["attention", "residual_linears"]})
 # Every plan that trains takes its loss a chunk of tokens at a time: once the blocks are checkpointed,
 # full-vocabulary logits and their gradient are most of what is left of the training peak.
 CHUNKED_LOSS = PassConfig("chunk_lm_loss")

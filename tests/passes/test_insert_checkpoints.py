@@ -40,7 +40,11 @@ def loss_and_grads(qm, ids):
 # --- numerics -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "checkpoint"), [("llama", "blocks"), ("llama", {"every": 2}), ("gpt2", "blocks")])
+SELECTIVE = {"save": ("attention", "residual_linears")}
+
+
+@pytest.mark.parametrize(("family", "checkpoint"), [("llama", "blocks"), ("llama", {"every": 2}), ("gpt2", "blocks"),
+                                                    ("llama", SELECTIVE), ("gpt2", SELECTIVE)])
 def test_checkpointed_and_plain_give_equal_losses_and_gradients(family, checkpoint):
     model = tiny_causal_lm(family, layers=3)
     plain = qgraph.transform(model, "lrqat-w4", rank=4, checkpoint="none")
@@ -91,6 +95,27 @@ def test_activation_memory_drops():
     assert checkpointed < plain / 2, (plain, checkpointed)
 
 
+@pytest.mark.parametrize(("family", "kept"), [("llama", (3, 6)), ("gpt2", (1, 3))])
+def test_selective_regions_keep_attention_and_the_residual_linears(family, kept, monkeypatch):
+    # llama: o_proj and down_proj are linears 3 and 6 of q, k, v, o, gate, up, down; gpt2: c_proj twice
+    # of c_attn, c_proj, c_fc, c_proj
+    import qgraph.ops.lrqat as lrqat_ops
+
+    model = tiny_causal_lm(family, layers=2)
+    qm = qgraph.transform(model, "lrqat-w4", rank=4, checkpoint=SELECTIVE)
+    calls = regions(qm)
+    assert [n.kwargs for n in calls] == [{"use_reentrant": False, "save_attention": True, "save_linears": kept}] * 2
+    assert all("attention, 2 linear output(s)" in r.detail for r in qm.report["insert_checkpoints"].records)
+    runs = []
+    forward = lrqat_ops.lrqat_linear_forward
+    monkeypatch.setattr(lrqat_ops, "lrqat_linear_forward", lambda *args: runs.append(1) or forward(*args))
+    ids = tokens()
+    qm.train()(input_ids=ids, labels=ids).loss.backward()
+    per_block = 4 if family == "gpt2" else 7
+    # every linear runs in the forward; the recompute skips the two whose outputs the region kept
+    assert len(runs) == 2 * (per_block + per_block - 2)
+
+
 # --- structure and report -------------------------------------------------------------------------------
 
 
@@ -103,8 +128,10 @@ def test_each_block_is_a_non_reentrant_region(llama_w4):
     gm = llama_w4.graph_module
     calls = regions(llama_w4)
     assert [n.args[0].target for n in calls] == [f"{REGION_PREFIX}{i}" for i in range(4)]
-    assert all(n.target is CHECKPOINT and n.kwargs == {"use_reentrant": False} for n in calls)
-    assert gm.code.count("torch.utils.checkpoint.checkpoint(") == 4
+    # the lrqat plans keep attention and the residual linears (o_proj, down_proj: linears 3 and 6)
+    kept = {"use_reentrant": False, "save_attention": True, "save_linears": (3, 6)}
+    assert all(n.target is CHECKPOINT and n.kwargs == kept for n in calls)
+    assert gm.code.count("qgraph_recompute_checkpoint(") == 4
     # the ops moved into the regions, none lost or duplicated
     assert count_ops(gm)[LRQAT] == 28
     assert LRQAT not in {n.target.overloadpacket for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
@@ -273,6 +300,8 @@ def test_call_module_nodes_become_checkpoint_calls():
     ({"target": "layers"}, "target must be one of blocks, modules, got 'layers'"),
     ({"target": "modules"}, "target='modules' needs include globs naming the modules to checkpoint"),
     ({"target": "modules", "include": "x.*", "every": 2}, "with target='modules' each module is its own region"),
+    ({"save": "mlp"}, "'mlp' is not something a region can keep; choose from attention, residual_linears"),
+    ({"target": "modules", "include": "x.*", "save": "attention"}, "applies to decoder-block regions"),
 ])
 def test_bad_options_say_what_to_do(kwargs, message):
     with pytest.raises(ValueError) as err:
