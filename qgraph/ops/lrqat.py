@@ -443,7 +443,8 @@ def lrqat_linear_compiled(x: Tensor, phi0: Tensor, lora_a: Tensor, lora_b: Tenso
     """
     qmin, qmax = grid_bounds(bits)
     dtype = weight_dtype(scale)
-    z = upcast(phi0, phi_format, bits, lora_b.shape[1], dtype) + (lora_scale * lora_a.to(dtype)) @ lora_b.to(dtype)
+    # packed codes unpacked by shifts, elementwise ops inductor fuses into the weight kernel
+    z = upcast(phi0, phi_format, bits, lora_b.shape[1], dtype, table=False) + (lora_scale * lora_a.to(dtype)) @ lora_b.to(dtype)
     return scaled_linear(x, z.round().clamp(qmin, qmax), scale, bias, group_size, in_place=False)
 
 

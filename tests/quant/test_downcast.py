@@ -110,18 +110,21 @@ def test_pack_int4_convention():
     assert pack_int4(codes).tolist() == [[0x2F, 0x78, 0x03]]
 
 
+@pytest.mark.parametrize("table", [True, False], ids=["table", "shifts"])
 @pytest.mark.parametrize("n", [16, 15, 1])
-def test_pack_unpack_int4_round_trip(n):
+def test_pack_unpack_int4_round_trip(n, table):
     codes = torch.randint(-8, 8, (3, 2, n), dtype=torch.int8)
     packed = pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 2, (n + 1) // 2)
-    assert torch.equal(unpack_int4(packed, n), codes)
+    assert torch.equal(unpack_int4(packed, n, table=table), codes)
 
 
-def test_every_signed_nibble_round_trips():
-    codes = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 16)
-    assert torch.equal(unpack_int4(pack_int4(codes), 16), codes)
-    assert torch.equal(unpack_int4(pack_int4(codes.flip(-1)), 16), codes.flip(-1))
+@pytest.mark.parametrize("table", [True, False], ids=["table", "shifts"])
+def test_every_byte_unpacks_to_its_two_codes(table):
+    # all 256 bytes: every pair of signed nibbles, in both nibble orders
+    codes = torch.stack(torch.meshgrid(torch.arange(-8, 8), torch.arange(-8, 8), indexing="ij"), -1).reshape(1, 512)
+    codes = codes.to(torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(codes), 512, table=table), codes)
 
 
 def test_pack_int4_rejects_out_of_range_and_wrong_dtype():
