@@ -37,6 +37,8 @@ class Result:
     perplexity: float = 0.0
     # the flags it ran with (steps aside), so that --reuse never mixes runs made with different ones
     settings: dict[str, int] = field(default_factory=dict)
+    # where memory, peak RSS and step time come from when not from this run (--timing-from)
+    timing_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,25 @@ def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Re
             flags = ["--run", config, *_shared_flags(args)]
             data = run_in_subprocess(bench.script, flags, json_path, f"{config}: {steps} steps", console)
         if data is not None:
-            results.append(Result(**data))
-            console.print(f"{config}: done ({_summary(results[-1])})")
+            result = Result(**data)
+            if args.timing_from is not None:
+                _take_timing(result, args.timing_from / f"{config}.json", args)
+            results.append(result)
+            console.print(f"{config}: done ({_summary(result)})")
     return results
+
+
+def _take_timing(result: Result, path: Path, args: argparse.Namespace) -> None:
+    """Memory, peak RSS and step time from a short run made apart (on a quiet machine), when there is one:
+    long runs for perplexity can then share the cores without spoiling the timings."""
+    if not path.exists() or not result.steps:
+        return
+    timing = Result(**json.loads(path.read_text()))
+    shape = {k: timing.settings.get(k) for k in ("batch_size", "block_len")}
+    if shape != {"batch_size": args.batch_size, "block_len": args.block_len}:
+        raise SystemExit(f"--timing-from: {path} ran with {shape}, not batch {args.batch_size} x {args.block_len}")
+    result.memory, result.peak_rss, result.step_seconds = timing.memory, timing.peak_rss, timing.step_seconds
+    result.timing_from = str(path)
 
 
 def _settings(timing_steps: int, eval_blocks: int, batch_size: int, block_len: int) -> dict[str, int]:
@@ -240,6 +258,9 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-len", type=int, default=256)
     parser.add_argument("--out", type=Path, default=bench.default_out)
+    parser.add_argument("--timing-from", type=Path, metavar="DIR",
+                        help="take memory, peak RSS and step time from DIR/CONFIG.json (short runs made on a quiet "
+                             "machine) and perplexity from this run")
     parser.add_argument("--reuse", action="store_true",
                         help="load a configuration's result from OUT/CONFIG.json when it exists (a long run "
                              "resumed, or configurations run apart with --run); it fails on one run with other flags")
