@@ -9,8 +9,9 @@ torch.utils.checkpoint's selective-checkpoint policy; everything else is recompu
 
 The policy sees ops as they are dispatched, not graph nodes, so it finds the linears to keep by
 counting the region's linear ops in order (as torchtitan's selective checkpointing counts matmuls):
-each linear site of a region runs as exactly one qgraph op or one aten mm/addmm. A miscount could only
-keep the wrong output; what the region computes never depends on it.
+each linear site of a region runs as exactly one qgraph op or one aten mm/addmm. The forward and the
+recompute dispatch the same ops in the same order, so they count alike; the pass refuses to count
+regions with matmuls that may or may not dispatch to an mm (`matmul`, `einsum`).
 """
 
 from __future__ import annotations

@@ -197,6 +197,9 @@ def check_lrqat_args(
         raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {expected_scale}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    if bias is not None and bias.dtype != x.dtype:
+        raise ValueError(f"bias is {bias.dtype} but x is {x.dtype}: cast the bias to the activations' dtype "
+                         "(as F.linear requires)")
 
 
 def lrqat_linear_forward(
@@ -288,6 +291,11 @@ def _per_channel_scale_grad(grad: Tensor, output: Tensor, x: Tensor, w_int: Tens
     """ds_i = sum_t grad_ti u_ti, u = x @ W_int^T, read off y = u * s + bias as
     (sum_t grad_ti y_ti - bias_i sum_t grad_ti) / s_i. Rows whose scale is too small to divide by (zero,
     or below the square root of the dtype's tiny) are computed from x instead."""
+    x_rows = x.reshape(-1, w_int.shape[1])
+    if bias is not None and output.element_size() < 4:
+        # a 16-bit y = u s + b keeps b's ulp, not u s's: with a large bias, (y - b) / s has lost u's bits
+        # (bf16, |b| ~ 300: ds off by 4%), so u is formed again, one matmul the forward's size
+        return (grad * (x_rows.to(grad.dtype) @ w_int.T)).sum(0)
     y = output.reshape(grad.shape).to(grad.dtype)
     total = (grad * y).sum(0)
     if bias is not None:
@@ -295,7 +303,7 @@ def _per_channel_scale_grad(grad: Tensor, output: Tensor, x: Tensor, w_int: Tens
     grad_scale = total / s
     tiny = (s.abs() < torch.finfo(s.dtype).tiny ** 0.5).nonzero().squeeze(1)
     if tiny.numel():
-        u = x.reshape(-1, w_int.shape[1]).to(grad.dtype) @ w_int.index_select(0, tiny).T
+        u = x_rows.to(grad.dtype) @ w_int.index_select(0, tiny).T
         grad_scale[tiny] = (grad.index_select(1, tiny) * u).sum(0)
     return grad_scale
 
@@ -387,16 +395,22 @@ def lrqat_linear_backward_op(
     rows where the clamp saturated)."""
     grads = lrqat_linear_backward(grad_out, x, output, phi0, lora_a, lora_b, scale, bias, bits, group_size,
                                   lora_scale, phi_format, tuple(needs_grad))
-    return tuple(grad_out.new_empty(0) if g is None else g for g in grads)
+    return tuple(grad_out.new_empty(0, dtype=dtype) if g is None else g
+                 for g, dtype in zip(grads, _gradient_dtypes(grad_out, lora_a, lora_b, scale), strict=True))
+
+
+def _gradient_dtypes(grad_out: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor) -> tuple[torch.dtype, ...]:
+    """The dtypes of (dx, dA, dB, ds, dbias), asked for or not (an empty tensor's too: fake and real agree)."""
+    return (grad_out.dtype, lora_a.dtype, lora_b.dtype, scale.dtype, grad_out.dtype)
 
 
 @lrqat_linear_backward_op.register_fake
 def _lrqat_linear_backward_fake(grad_out, x, output, phi0, lora_a, lora_b, scale, bias, bits, group_size,
                                 lora_scale, phi_format, needs_grad):
     shapes = ((*grad_out.shape[:-1], lora_b.shape[1]), lora_a.shape, lora_b.shape, scale.shape, (lora_a.shape[0],))
-    dtypes = (grad_out.dtype, lora_a.dtype, lora_b.dtype, scale.dtype, grad_out.dtype)
     return tuple(grad_out.new_empty(shape if needed else (0,), dtype=dtype)
-                 for needed, shape, dtype in zip(needs_grad, shapes, dtypes, strict=True))
+                 for needed, shape, dtype in zip(needs_grad, shapes, _gradient_dtypes(grad_out, lora_a, lora_b, scale),
+                                                 strict=True))
 
 
 def _setup_context(ctx, inputs, output):

@@ -187,14 +187,35 @@ def test_saturated_rows_are_the_rows_where_the_clamp_cuts():
     assert torch.equal(in_range_rows, mask[rows])
 
 
-def test_backward_op_opcheck_and_empty_gradients_not_asked_for():
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_backward_op_opcheck_and_empty_gradients_not_asked_for(x_dtype):
     layer = make_layer("fixed", 4, -1, dtype=torch.float32)
+    layer["x"], layer["bias"] = layer["x"].detach().to(x_dtype), layer["bias"].detach().to(x_dtype)
     output = lrqat_linear(**layer).detach()
-    args = (torch.randn_like(output), layer["x"].detach(), output, layer["phi0"],
+    args = (torch.randn_like(output), layer["x"], output, layer["phi0"],
             *(layer[k].detach() for k in ("lora_a", "lora_b", "scale", "bias")), 4, -1, LORA_SCALE, "fixed")
-    torch.library.opcheck(torch.ops.qgraph.lrqat_linear_backward, (*args, [True] * 5))
-    grads = torch.ops.qgraph.lrqat_linear_backward(*args, [True, False, True, False, False])
+    some = [True, False, True, False, False]
+    for needs_grad in ([True] * 5, some):
+        torch.library.opcheck(torch.ops.qgraph.lrqat_linear_backward, (*args, needs_grad))
+    grads = torch.ops.qgraph.lrqat_linear_backward(*args, some)
     assert [tuple(g.shape) for g in grads] == [(2, 3, IN), (0,), (RANK, IN), (0,), (0,)]
+    assert [g.dtype for g in grads] == [x_dtype, torch.float32, torch.float32, torch.float32, x_dtype]
+
+
+def test_scale_gradient_with_a_large_bias_in_bf16():
+    # a bf16 output keeps the bias's ulp: ds cannot be read off it, and is formed from x instead
+    layer = make_layer("fixed", 4, -1, dtype=torch.float32)
+    x = layer["x"].detach().to(torch.bfloat16)
+    bias = torch.full((OUT,), 300.0, dtype=torch.bfloat16)
+    scale = layer["scale"].detach().requires_grad_()
+    y = lrqat_linear(x, layer["phi0"], layer["lora_a"].detach(), layer["lora_b"].detach(), scale, bias, 4, -1,
+                     LORA_SCALE, "fixed")
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    (grad_scale,) = torch.autograd.grad(y, scale, grad_out)
+    w_int = rebuild_weight(layer["phi0"], layer["lora_a"].detach(), layer["lora_b"].detach(), 4, LORA_SCALE,
+                           "fixed", torch.float32).double()
+    expected = (grad_out.double() * (x.double() @ w_int.T)).sum((0, 1))
+    torch.testing.assert_close(grad_scale[:, 0].double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_scale_gradient_of_a_zero_scale_is_computed_from_x():
@@ -308,6 +329,8 @@ def test_bad_arguments_raise_clear_errors():
         lrqat_linear(**{**layer, "group_size": -1})
     with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
         lrqat_linear(**{**layer, "bits": 9})
+    with pytest.raises(ValueError, match="bias is torch.float32 but x is torch.float64: cast the bias"):
+        lrqat_linear(**{**layer, "bias": layer["bias"].detach().float()})
 
 
 class LRQATLayer(nn.Module):
