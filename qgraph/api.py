@@ -42,6 +42,8 @@ def transform(
     """
     plan = with_checkpoint(get_plan(plan), checkpoint)
     steps = resolve_steps(plan, options)
+    if compile:
+        check_compilable(steps)
     pass_names = [spec.name for spec, _ in steps]
     for name in (*skip, *print_after):
         if name not in pass_names:
@@ -61,6 +63,20 @@ def transform(
         else:
             report.frozen_params += param.numel()
     return wrap_graph_module(gm, report, plan, capture_info(gm), compile=compile)  # as the passes left it
+
+
+def check_compilable(steps: list) -> None:
+    """Refuse, before anything is captured, what torch.compile cannot run yet.
+
+    Checkpointed modules (insert_checkpoints with target="modules", qst-nf4's side blocks) fail inside
+    dynamo's checkpoint region on torch 2.13 (an internal AssertionError at the first call); checkpointed
+    graph regions (target="blocks") compile."""
+    for spec, options in steps:
+        if spec.name == "insert_checkpoints" and options.target == "modules":
+            raise PlanError("compile=True cannot run checkpointed modules yet (insert_checkpoints "
+                            "target='modules', e.g. qst-nf4's side blocks: dynamo fails inside their "
+                            "checkpoint on torch 2.13); use compile=True with checkpoint='none', or "
+                            "compile=False with the checkpoints")
 
 
 def freeze_untrained(gm: nn.Module, trainable: set[str]) -> None:
