@@ -62,10 +62,19 @@ def plan_of(config: str) -> tuple[str, dict]:
 
 def available(config: str) -> str:
     """'' if the configuration can run in this checkout, else why not."""
-    from qgraph.plans import PLANS
+    from qgraph.api import check_compilable
+    from qgraph.errors import PlanError
+    from qgraph.plans import PLANS, get_plan, resolve_steps, with_checkpoint
 
-    plan, _ = plan_of(config)
-    return "" if plan in PLANS else f"plan {plan!r} is not in qgraph.plans.PLANS yet"
+    plan, kwargs = plan_of(config)
+    if plan not in PLANS:
+        return f"plan {plan!r} is not in qgraph.plans.PLANS yet"
+    if kwargs["compile"]:
+        try:  # transform's own up-front check: what torch.compile cannot run yet
+            check_compilable(resolve_steps(with_checkpoint(get_plan(plan), kwargs.get("checkpoint")), {}))
+        except PlanError as error:
+            return str(error)
+    return ""
 
 
 def build(config: str, model: torch.nn.Module, example: torch.Tensor):
