@@ -40,10 +40,7 @@ def transform(
     {"every": k, ...} one region per k blocks (any insert_checkpoints option). compile=True runs the
     graph through torch.compile (dynamic shapes: batch and sequence length vary without recompiling).
     """
-    plan = with_checkpoint(get_plan(plan), checkpoint)
-    steps = resolve_steps(plan, options)
-    if compile:
-        check_compilable(steps)
+    plan, steps = resolve_transform(plan, options, checkpoint=checkpoint, compile=compile)
     pass_names = [spec.name for spec, _ in steps]
     for name in (*skip, *print_after):
         if name not in pass_names:
@@ -63,6 +60,17 @@ def transform(
         else:
             report.frozen_params += param.numel()
     return wrap_graph_module(gm, report, plan, capture_info(gm), compile=compile)  # as the passes left it
+
+
+def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None,
+                      compile: bool = False) -> tuple[Plan, list]:
+    """The plan and its resolved pass steps, as transform runs them: every check that needs no model
+    (plan, options, checkpoint choice, what compile cannot run), so a caller can ask before capturing."""
+    resolved = with_checkpoint(get_plan(plan), checkpoint)
+    steps = resolve_steps(resolved, options)
+    if compile:
+        check_compilable(steps)
+    return resolved, steps
 
 
 def check_compilable(steps: list) -> None:

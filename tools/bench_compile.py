@@ -62,18 +62,14 @@ def plan_of(config: str) -> tuple[str, dict]:
 
 def available(config: str) -> str:
     """'' if the configuration can run in this checkout, else why not."""
-    from qgraph.api import check_compilable
+    from qgraph.api import resolve_transform
     from qgraph.errors import PlanError
-    from qgraph.plans import PLANS, get_plan, resolve_steps, with_checkpoint
 
     plan, kwargs = plan_of(config)
-    if plan not in PLANS:
-        return f"plan {plan!r} is not in qgraph.plans.PLANS yet"
-    if kwargs["compile"]:
-        try:  # transform's own up-front check: what torch.compile cannot run yet
-            check_compilable(resolve_steps(with_checkpoint(get_plan(plan), kwargs.get("checkpoint")), {}))
-        except PlanError as error:
-            return str(error)
+    try:  # transform's own up-front checks (an unknown plan, what torch.compile cannot run yet)
+        resolve_transform(plan, {}, **kwargs)
+    except PlanError as error:
+        return str(error)
     return ""
 
 
