@@ -34,7 +34,7 @@ from torch import fx, nn
 
 from qgraph.graph import (CHECKPOINT, Block, as_patterns, checkpointed_module, decoder_blocks, flat_graph,
                           matches_any)
-from qgraph.recompute import QGRAPH_NAMESPACE
+from qgraph.recompute import is_linear_op
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import ADDED, SKIPPED, PassReport, SiteRecord
 
@@ -43,8 +43,6 @@ TARGETS = ("blocks", "modules")
 SAVE_KINDS = ("attention", "residual_linears")
 aten = torch.ops.aten
 ATTENTION_NODES = (aten.scaled_dot_product_attention.default,)
-# graph nodes that run as exactly one counted linear op (qgraph op, mm or addmm) when dispatched
-LINEAR_NODES = (aten.linear.default, aten.mm.default, aten.addmm.default)
 # nodes that may or may not dispatch to an mm: a region holding one cannot count its linears
 AMBIGUOUS_MATMULS = (aten.matmul.default, aten.einsum.default, aten.tensordot.default, aten.bmm.default)
 # ops on the way into a residual add that pass a value on as it is (up to a cast, or dropout's scaling)
@@ -130,8 +128,9 @@ def _checkpoint_blocks(gm: fx.GraphModule, options: CheckpointOptions, report: P
     report.matched = len(blocks)
     # Decide every region before outlining any: a region that cannot be outlined is reported, not half-done.
     # (What a region keeps is read off the blocks before outlining too: outlining rewires their inputs.)
-    planned = [(group, _region_problem(gm, group), _compute_nodes(group)) for group in group_blocks(blocks, options.every)]
-    planned = [(group, problem, nodes, kept_outputs(group, nodes, options.save)) for group, problem, nodes in planned]
+    groups = group_blocks(blocks, options.every)
+    planned = [(group, _region_problem(gm, group), nodes, kept_outputs(group, nodes, options.save))
+               for group, nodes in ((group, _compute_nodes(group)) for group in groups)]
     for group, problem, nodes, keep in planned:
         name = _region_name(group)
         if problem:
@@ -207,9 +206,9 @@ class KeptOutputs:
 
 
 def is_linear_node(node: fx.Node) -> bool:
-    target = node.target
-    return node.op == "call_function" and (
-        target in LINEAR_NODES or (isinstance(target, torch._ops.OpOverload) and target.namespace == QGRAPH_NAMESPACE))
+    # a node that runs as exactly one counted linear op when dispatched: aten.linear (as mm/addmm), or
+    # one of those ops or a qgraph op itself
+    return node.op == "call_function" and (node.target is aten.linear.default or is_linear_op(node.target))
 
 
 def residual_linears(block: Block) -> set[fx.Node]:
