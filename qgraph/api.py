@@ -40,7 +40,7 @@ def transform(
     {"every": k, ...} one region per k blocks (any insert_checkpoints option). compile=True runs the
     graph through torch.compile (dynamic shapes: batch and sequence length vary without recompiling).
     """
-    plan, steps = resolve_transform(plan, options, checkpoint=checkpoint, compile=compile)
+    plan, steps = resolve_transform(plan, options, checkpoint=checkpoint)
     pass_names = [spec.name for spec, _ in steps]
     for name in (*skip, *print_after):
         if name not in pass_names:
@@ -62,29 +62,11 @@ def transform(
     return wrap_graph_module(gm, report, plan, capture_info(gm), compile=compile)  # as the passes left it
 
 
-def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None,
-                      compile: bool = False) -> tuple[Plan, list]:
+def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None) -> tuple[Plan, list]:
     """The plan and its resolved pass steps, as transform runs them: every check that needs no model
-    (plan, options, checkpoint choice, what compile cannot run), so a caller can ask before capturing."""
+    (plan, options, checkpoint choice), so a caller can ask before capturing."""
     resolved = with_checkpoint(get_plan(plan), checkpoint)
-    steps = resolve_steps(resolved, options)
-    if compile:
-        check_compilable(steps)
-    return resolved, steps
-
-
-def check_compilable(steps: list) -> None:
-    """Refuse, before anything is captured, what torch.compile cannot run yet.
-
-    Checkpointed modules (insert_checkpoints with target="modules", qst-nf4's side blocks) fail inside
-    dynamo's checkpoint region on torch 2.13 (an internal AssertionError at the first call); checkpointed
-    graph regions (target="blocks") compile."""
-    for spec, options in steps:
-        if spec.name == "insert_checkpoints" and options.target == "modules":
-            raise PlanError("compile=True cannot run checkpointed modules yet (insert_checkpoints "
-                            "target='modules', e.g. qst-nf4's side blocks: dynamo fails inside their "
-                            "checkpoint on torch 2.13); use compile=True with checkpoint='none', or "
-                            "compile=False with the checkpoints")
+    return resolved, resolve_steps(resolved, options)
 
 
 def freeze_untrained(gm: nn.Module, trainable: set[str]) -> None:

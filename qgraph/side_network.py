@@ -15,6 +15,7 @@ backbone's family, so one side network serves Llama, Qwen2, Mistral and GPT-2 ba
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,14 +83,32 @@ def make_downsample(config: SideConfig) -> nn.Module:
 # --- one side block ----------------------------------------------------------------------------------------
 
 
-def rotate(x: Tensor, positions: Tensor, theta: float = ROPE_THETA) -> Tensor:
-    """Rotary position embedding of x (B, heads, T, head_dim) at integer positions (B, T)."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** -(torch.arange(half, device=x.device, dtype=torch.float32) / half)
+class Rotary(NamedTuple):
+    """cos and sin of every (position, frequency) angle, (B, 1, T, head_dim / 2): one table per forward,
+    shared by every block.
+
+    Made once outside the blocks rather than in each: besides the repeated work, a Python float
+    (theta) read inside a checkpointed block is lifted by dynamo into that block's subgraph, and the
+    next block's checkpoint then fails on it (torch 2.13: "lift_tracked_freevar_to_input should not
+    be called on root SubgraphTracer", pytorch/pytorch#193194)."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rotary_tables(positions: Tensor, head_dim: int, dtype: torch.dtype, theta: float = ROPE_THETA) -> Rotary:
+    """The rotary angles of integer positions (B, T) for heads of size head_dim."""
+    half = head_dim // 2
+    inv_freq = theta ** -(torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # (B, 1, T, half)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return Rotary(angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+def rotate(x: Tensor, rotary: Rotary) -> Tensor:
+    """Rotary position embedding of x (B, heads, T, head_dim)."""
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((x1 * rotary.cos - x2 * rotary.sin, x2 * rotary.cos + x1 * rotary.sin), dim=-1)
 
 
 class SideAttention(nn.Module):
@@ -99,9 +118,9 @@ class SideAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, positions), rotate(k, positions)
+        q, k = rotate(q, rotary), rotate(k, rotary)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.out(y.transpose(1, 2).flatten(-2))
 
@@ -125,8 +144,8 @@ class SideBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.width, eps=NORM_EPS)
         self.mlp = SideMLP(config.width, config.ffn_width)
 
-    def forward(self, x: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, allowed)
+    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, allowed)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -183,13 +202,13 @@ class SideNetwork(nn.Module):
         dtype = self.upsample.weight.dtype
         if attention_mask is None:
             attention_mask = torch.ones(taps[0].shape[:2], dtype=torch.long, device=taps[0].device)
-        positions = positions_from_mask(attention_mask)
+        rotary = rotary_tables(positions_from_mask(attention_mask), self.config.width // self.config.heads, dtype)
         allowed = attention_allowed(attention_mask)
         h = self.downsamples[0](taps[0].to(dtype))
         gates = torch.sigmoid(self.gates)
         for i, block in enumerate(self.blocks):
             down = self.downsamples[i + 1](taps[i + 1].to(dtype))
-            h = (1 - gates[i]) * down + gates[i] * block(h, positions, allowed)
+            h = (1 - gates[i]) * down + gates[i] * block(h, rotary, allowed)
         return self.upsample(self.norm(h))
 
     def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:

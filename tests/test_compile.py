@@ -68,3 +68,26 @@ def test_compiled_training_matches_eager_and_new_shapes_do_not_recompile(pair):
 def test_compile_does_not_duplicate_state():
     qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4", compile=True)
     assert all(key.startswith("graph_module.") for key in qm.state_dict())
+
+
+def test_qst_with_checkpointed_side_blocks_compiles_and_trains_as_eager():
+    # two side blocks, each checkpointed: dynamo traces sibling checkpoint regions of the same
+    # module class, where a Python float read inside the first used to crash the second's trace
+    torch._dynamo.reset()
+    model = tiny_causal_lm("llama", layers=2)
+    side_blocks = {"target": "modules", "include": ("qst_side.blocks.*",)}
+    eager = qgraph.transform(model, "qst-nf4", checkpoint=side_blocks)
+    compiled = qgraph.transform(model, "qst-nf4", checkpoint=side_blocks, compile=True)
+    with torch.no_grad():  # mix off 1, so that the side network's gradients are not all zero
+        for qm in (eager, compiled):
+            qm.graph_module.get_submodule("qst_side").mix.fill_(0.5)
+    ids = tokens((2, 12))
+    explained = torch._dynamo.explain(eager.graph_module)(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                         **eager.info.constant_kwargs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    loss, grads = loss_and_grads(compiled, ids)
+    expected_loss, expected = loss_and_grads(eager, ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

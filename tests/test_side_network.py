@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qgraph.side_network import (
-    DOWNSAMPLE_KINDS, SideConfig, SideNetwork, attention_allowed, positions_from_mask, rotate,
+    DOWNSAMPLE_KINDS, SideConfig, SideNetwork, attention_allowed, positions_from_mask, rotary_tables, rotate,
 )
 
 D, R = 64, 4
@@ -81,7 +81,7 @@ def test_mask_and_positions():
 def test_rotation_keeps_norms_and_makes_scores_relative():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
-    at = lambda x, p: rotate(x, torch.tensor([[p]]))  # noqa: E731
+    at = lambda x, p: rotate(x, rotary_tables(torch.tensor([[p]]), 8, x.dtype))  # noqa: E731
     torch.testing.assert_close(at(q, 5).norm(), q.norm())
     torch.testing.assert_close((at(q, 7) * at(k, 3)).sum(), (at(q, 14) * at(k, 10)).sum(), rtol=1e-5, atol=1e-5)
 

@@ -66,8 +66,8 @@ def available(config: str) -> str:
     from qgraph.errors import PlanError
 
     plan, kwargs = plan_of(config)
-    try:  # transform's own up-front checks (an unknown plan, what torch.compile cannot run yet)
-        resolve_transform(plan, {}, **kwargs)
+    try:  # transform's own up-front checks (a plan or checkpoint choice this checkout lacks)
+        resolve_transform(plan, {}, checkpoint=kwargs.get("checkpoint"))
     except PlanError as error:
         return str(error)
     return ""
