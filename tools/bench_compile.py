@@ -5,6 +5,8 @@ batches (batch 4 x 256 tokens by default):
     python tools/bench_compile.py --steps 8 --out out/bench_compile
 writes results.json, results.md (the README table) and memory_time.png. One configuration alone:
     python tools/bench_compile.py --run lrqat-w4 --device cpu --steps 5 --json /tmp/ckpt.json
+Step-time ratios that must hold on a noisy machine, from configurations stepped in turn in one process:
+    python tools/bench_compile.py --interleave lrqat-w4 lrqat-w4-nockpt lrqat-w4-compiled --steps 6
 
 Configurations: nf4 inference (forward only) eager and compiled; lrqat-w4 training without checkpoints,
 with them (the plan's default), and compiled; the same three for qst-nf4 when that plan exists (its
@@ -131,6 +133,52 @@ def run_config(config: str, device: str, steps: int, batch_size: int, block_len:
     return result
 
 
+def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_size: int,
+                           block_len: int) -> dict[str, list[float]]:
+    """Step times of several configurations built in one process and stepped in turn on the same batches.
+
+    On a shared VM a process's speed drifts by tens of percent from one process to the next, more
+    than some of the effects measured here; steps taken in turn (ABBA order, so neither always goes
+    first) see the same drift, so their ratio holds where per-process medians do not. No memory
+    figures: the configurations share the process."""
+    from qgraph.data import batches, token_blocks, train_heldout_split
+    from qgraph.models import load_smollm2
+
+    torch.manual_seed(SEED)
+    model, tokenizer = load_smollm2(progress=False)
+    model.to(device)
+    train_text, _ = train_heldout_split()
+    stream = [ids.to(device) for ids in batches(token_blocks(train_text, tokenizer, block_len), batch_size,
+                                                 seed=SEED, steps=WARMUP_STEPS + rounds)]
+    built = {}
+    for config in configs:
+        module, optimizer = build(config, model, stream[0])
+        module.train(optimizer is not None)
+        built[config] = (module, optimizer, train_step if optimizer is not None else infer_step)
+    times: dict[str, list[float]] = {config: [] for config in configs}
+    for index, input_ids in enumerate(stream):
+        for config in configs if index % 2 == 0 else configs[::-1]:
+            module, optimizer, step = built[config]
+            start = time.perf_counter()
+            step(module, optimizer, input_ids)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if index >= WARMUP_STEPS:
+                times[config].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_table(times: dict[str, list[float]], device: str) -> str:
+    """Median step of each configuration and its ratio to the first one's, step by step."""
+    first, *_ = times
+    lines = [f"| configuration | device | steps | median step (s) | step time / {first}'s (median of per-step ratios) |",
+             "|---|---|---:|---:|---:|"]
+    for config, seconds in times.items():
+        ratio = statistics.median(t / t0 for t, t0 in zip(seconds, times[first], strict=True))
+        lines.append(f"| {config} | {device} | {len(seconds)} | {statistics.median(seconds):.2f} | {ratio:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 # --- all configurations, side by side ---------------------------------------------------------------------
 
 
@@ -213,12 +261,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-len", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("out/bench_compile"))
+    parser.add_argument("--interleave", nargs="+", choices=CONFIGS, metavar="CONFIG",
+                        help="step times only: these configurations in one process, stepped in turn "
+                             "(--steps rounds after the warm-up); ratios to the first one")
     args = parser.parse_args()
-    if args.steps < 1 + MEMORY_STEPS + 1:
+    if args.steps < 1 + MEMORY_STEPS + 1 and not args.interleave:
         parser.error(f"--steps must be at least {2 + MEMORY_STEPS} (a first step, {MEMORY_STEPS} measured for "
                      "memory or warm-up, then at least one timed)")
     if "cuda" in args.devices + [args.device] and not torch.cuda.is_available():
         parser.error("cuda asked for, but torch.cuda.is_available() is False")
+    if args.interleave:
+        if args.steps < 1 or len(set(args.interleave)) != len(args.interleave):
+            parser.error("--interleave needs distinct configurations and --steps of at least 1 (timed rounds)")
+        for config in args.interleave:
+            if why_not := available(config):
+                parser.error(f"{config}: {why_not}")
+        times = interleaved_step_times(args.interleave, args.device, args.steps, args.batch_size, args.block_len)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "interleaved.json").write_text(json.dumps({"device": args.device, "seconds": times}, indent=2))
+        table = interleaved_table(times, args.device)
+        (args.out / "interleaved.md").write_text(table)
+        Console().print(table, soft_wrap=True)
+        return
     if args.run:
         if args.json is None:
             parser.error("--run needs --json FILE (where to write the result)")
@@ -234,7 +298,7 @@ def main() -> None:
     table = markdown_table(results)
     (args.out / "results.md").write_text(table)
     chart(results, args.out / "memory_time.png")
-    console.print(table)
+    console.print(table, soft_wrap=True)
     console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png)")
 
 
