@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import Progress, TextColumn
 
 from benchlib import MEMORY_STEPS, SEED, loss_of, run_in_subprocess, tracked_memory, train_step
 
@@ -133,8 +134,8 @@ def run_config(config: str, device: str, steps: int, batch_size: int, block_len:
     return result
 
 
-def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_size: int,
-                           block_len: int) -> dict[str, list[float]]:
+def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_size: int, block_len: int,
+                           console: Console) -> dict[str, list[float]]:
     """Step times of several configurations built in one process and stepped in turn on the same batches.
 
     On a shared VM a process's speed drifts by tens of percent from one process to the next, more
@@ -156,15 +157,19 @@ def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_s
         module.train(optimizer is not None)
         built[config] = (module, optimizer, train_step if optimizer is not None else infer_step)
     times: dict[str, list[float]] = {config: [] for config in configs}
-    for index, input_ids in enumerate(stream):
-        for config in configs if index % 2 == 0 else configs[::-1]:
-            module, optimizer, step = built[config]
-            start = time.perf_counter()
-            step(module, optimizer, input_ids)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if index >= WARMUP_STEPS:
-                times[config].append(time.perf_counter() - start)
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[config]}"), console=console) as progress:
+        task = progress.add_task("steps in turn (the first compiles)", total=len(stream) * len(configs), config="")
+        for index, input_ids in enumerate(stream):
+            for config in configs if index % 2 == 0 else configs[::-1]:
+                progress.update(task, config=config)
+                module, optimizer, step = built[config]
+                start = time.perf_counter()
+                step(module, optimizer, input_ids)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if index >= WARMUP_STEPS:
+                    times[config].append(time.perf_counter() - start)
+                progress.advance(task)
     return times
 
 
@@ -276,12 +281,14 @@ def main() -> None:
         for config in args.interleave:
             if why_not := available(config):
                 parser.error(f"{config}: {why_not}")
-        times = interleaved_step_times(args.interleave, args.device, args.steps, args.batch_size, args.block_len)
+        console = Console()
+        times = interleaved_step_times(args.interleave, args.device, args.steps, args.batch_size, args.block_len,
+                                       console)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "interleaved.json").write_text(json.dumps({"device": args.device, "seconds": times}, indent=2))
         table = interleaved_table(times, args.device)
         (args.out / "interleaved.md").write_text(table)
-        Console().print(table, soft_wrap=True)
+        console.print(table, soft_wrap=True)
         return
     if args.run:
         if args.json is None:

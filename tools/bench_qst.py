@@ -9,7 +9,7 @@ writes results.json, results.md (the README table) and memory_time.png. One conf
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
 with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
 fine-tuning. Baselines without training: the unquantized model and the nf4 backbone. Learning rates:
-2e-4 for the LoRA variants (the QLoRA paper's), 1e-3 for QST's randomly initialised side network,
+2e-4 for the LoRA variants (the QLoRA paper's), 1e-2 for QST's randomly initialised side network,
 1e-5 for full fine-tuning. Needs the `bench` extra (peft, matplotlib).
 """
 
@@ -26,7 +26,7 @@ TRAINED = ("qst-nf4", "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "qlora"  # the paper's comparison: QST against QLoRA
-LORA_RANK, LORA_ALPHA, LORA_LR, QST_LR = 16, 16, 2e-4, 1e-3
+LORA_RANK, LORA_ALPHA, LORA_LR, QST_LR = 16, 16, 2e-4, 1e-2
 
 
 def build(config: str, model: nn.Module):
