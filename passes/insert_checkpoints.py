@@ -128,9 +128,10 @@ def _checkpoint_blocks(gm: fx.GraphModule, options: CheckpointOptions, report: P
     report.matched = len(blocks)
     # Decide every region before outlining any: a region that cannot be outlined is reported, not half-done.
     # (What a region keeps is read off the blocks before outlining too: outlining rewires their inputs.)
-    groups = group_blocks(blocks, options.every)
-    planned = [(group, _region_problem(gm, group), nodes, kept_outputs(group, nodes, options.save))
-               for group, nodes in ((group, _compute_nodes(group)) for group in groups)]
+    planned = []
+    for group in group_blocks(blocks, options.every):
+        nodes = _compute_nodes(group)
+        planned.append((group, _region_problem(gm, group), nodes, kept_outputs(group, nodes, options.save)))
     for group, problem, nodes, keep in planned:
         name = _region_name(group)
         if problem:

@@ -23,6 +23,7 @@ from qgraph.models import load_smollm2
 from qgraph.plans import get_plan, resolve_steps
 from qgraph.train import train_causal_lm
 from qgraph.report import format_bytes
+from qgraph.side_network import SIDE_NETWORK_LR
 
 SEED = 0
 SAMPLE_PROMPT_CHARS, SAMPLE_NEW_TOKENS = 200, 24
@@ -91,9 +92,7 @@ def _show_sample(qm: qgraph.QGraphModule, tokenizer: Any, text: str, console: Co
 def _optimizer(qm: qgraph.QGraphModule) -> torch.optim.Optimizer:
     if _has_lrqat(qm.plan):
         return torch.optim.AdamW(qgraph.param_groups(qm), betas=(0.9, 0.95), weight_decay=0.0)
-    # the side network starts from random weights: 1e-2 gave the best held-out perplexity in
-    # tools/bench_qst.py's runs on SmolLM2 (12.76 after 200 steps, against 14.10 at 1e-3)
-    return torch.optim.AdamW(qm.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    return torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, weight_decay=0.0)
 
 
 def _results_table(results: dict[str, float], qm: qgraph.QGraphModule) -> Table:

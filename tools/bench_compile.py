@@ -92,17 +92,32 @@ def infer_step(module, _optimizer, input_ids) -> float:
         return float(loss_of(module, input_ids))
 
 
-def run_config(config: str, device: str, steps: int, batch_size: int, block_len: int) -> Result:
+def model_and_batches(device: str, steps: int, batch_size: int, block_len: int):
+    """SmolLM2 on `device` and the `steps` training batches every configuration runs on."""
     from qgraph.data import batches, token_blocks, train_heldout_split
-    from qgraph.memory import peak_rss_bytes, reset_peak_rss
     from qgraph.models import load_smollm2
 
     torch.manual_seed(SEED)
     model, tokenizer = load_smollm2(progress=False)
     model.to(device)
     train_text, _ = train_heldout_split()
-    stream = (ids.to(device) for ids in
-              batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps))
+    stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps)
+    return model, (ids.to(device) for ids in stream)
+
+
+def timed_step(step, module, optimizer, input_ids: torch.Tensor) -> tuple[float, float]:
+    """(loss, seconds) of one step, waiting for the device to finish it."""
+    start = time.perf_counter()
+    loss = step(module, optimizer, input_ids)
+    if input_ids.is_cuda:
+        torch.cuda.synchronize()
+    return loss, time.perf_counter() - start
+
+
+def run_config(config: str, device: str, steps: int, batch_size: int, block_len: int) -> Result:
+    from qgraph.memory import peak_rss_bytes, reset_peak_rss
+
+    model, stream = model_and_batches(device, steps, batch_size, block_len)
     result = Result(config, device, steps)
     reset_peak_rss()
     first = next(stream)
@@ -111,9 +126,8 @@ def run_config(config: str, device: str, steps: int, batch_size: int, block_len:
     module.train(optimizer is not None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result.losses.append(step(module, optimizer, first))
-    result.first_step_seconds = time.perf_counter() - start
+    loss, result.first_step_seconds = timed_step(step, module, optimizer, first)
+    result.losses.append(loss)
     compiled = config.endswith("-compiled")
     if not compiled and optimizer is not None:
         result.memory = tracked_memory(module, optimizer, step, stream, result.losses, first.device)
@@ -122,11 +136,9 @@ def run_config(config: str, device: str, steps: int, batch_size: int, block_len:
             result.losses.append(step(module, optimizer, next(stream)))
     times = []
     for input_ids in stream:
-        start = time.perf_counter()
-        result.losses.append(step(module, optimizer, input_ids))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        loss, seconds = timed_step(step, module, optimizer, input_ids)
+        result.losses.append(loss)
+        times.append(seconds)
     result.step_seconds = statistics.median(times) if times else 0.0
     result.peak_rss = peak_rss_bytes()
     if device == "cuda":
@@ -142,15 +154,8 @@ def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_s
     than some of the effects measured here; steps taken in turn (ABBA order, so neither always goes
     first) see the same drift, so their ratio holds where per-process medians do not. No memory
     figures: the configurations share the process."""
-    from qgraph.data import batches, token_blocks, train_heldout_split
-    from qgraph.models import load_smollm2
-
-    torch.manual_seed(SEED)
-    model, tokenizer = load_smollm2(progress=False)
-    model.to(device)
-    train_text, _ = train_heldout_split()
-    stream = [ids.to(device) for ids in batches(token_blocks(train_text, tokenizer, block_len), batch_size,
-                                                 seed=SEED, steps=WARMUP_STEPS + rounds)]
+    model, batches = model_and_batches(device, WARMUP_STEPS + rounds, batch_size, block_len)
+    stream = list(batches)
     built = {}
     for config in configs:
         module, optimizer = build(config, model, stream[0])
@@ -163,12 +168,9 @@ def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_s
             for config in configs if index % 2 == 0 else configs[::-1]:
                 progress.update(task, config=config)
                 module, optimizer, step = built[config]
-                start = time.perf_counter()
-                step(module, optimizer, input_ids)
-                if device == "cuda":
-                    torch.cuda.synchronize()
+                _, seconds = timed_step(step, module, optimizer, input_ids)
                 if index >= WARMUP_STEPS:
-                    times[config].append(time.perf_counter() - start)
+                    times[config].append(seconds)
                 progress.advance(task)
     return times
 

@@ -26,12 +26,13 @@ TRAINED = ("qst-nf4", "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "qlora"  # the paper's comparison: QST against QLoRA
-LORA_RANK, LORA_ALPHA, LORA_LR, QST_LR = 16, 16, 2e-4, 1e-2
+LORA_RANK, LORA_ALPHA, LORA_LR = 16, 16, 2e-4
 
 
 def build(config: str, model: nn.Module):
     """(module to train or score, optimizer or None) for a configuration."""
     import qgraph
+    from qgraph.side_network import SIDE_NETWORK_LR
 
     if config == "fp":
         return model, None
@@ -40,7 +41,7 @@ def build(config: str, model: nn.Module):
         release_replaced_weights(model)
         if config == "nf4":
             return qm, None
-        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=QST_LR, betas=(0.9, 0.95), weight_decay=0.0)
+        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95), weight_decay=0.0)
     if config == "full-ft":
         return full_finetuning(model)
     if config in ("qlora", "qlora-ckpt", "lora"):
