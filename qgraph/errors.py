@@ -37,3 +37,7 @@ def unknown_name_message(kind: str, name: str, choices: Iterable[str]) -> str:
     ordered = closest_first(name, choices)
     plural = kind + ("es" if kind.endswith("s") else "s")
     return f"unknown {kind} {name!r}; valid {plural} (closest first): {', '.join(ordered)}"
+
+
+class ExportError(QGraphError):
+    """A module cannot go to a deployment target, or the artifact's runtime disagreed with PyTorch."""

@@ -1,0 +1,191 @@
+"""`qgraph.export(module, path)`: a transformed or finalized model as a file its deployment runtime runs.
+
+One target per file in this package (pt2, aoti, onnx, gguf, executorch), each an `ExportTarget`: what it
+cannot express, a writer, and a runner script that loads the artifact in the target's own runtime. Export
+checks the module against the target before it writes anything, writes into a temporary name, runs the
+artifact in a fresh process (without qgraph) on check batches of two shapes with right padding, and moves
+the file into place only when its logits match the PyTorch module's within the target's tolerance: an
+artifact nobody ran is not exported.
+
+This package is itself callable: `qgraph.export(module, path)` is `qgraph.export.export(module, path)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from qgraph.errors import ExportError, unknown_name_message
+from qgraph.export.check import CheckCase, check_cases, compare, reference_logits, run_in_runtime
+from qgraph.export.program import check_exportable, deployable, fp32_bytes
+from qgraph.export.report import ExportReport
+from qgraph.export.target import Artifact, ExportTarget
+from qgraph.module import QGraphModule
+
+# target name -> the module of this package that defines its TARGET; imported on use, since each pulls in
+# its runtime's packages (onnx, gguf, executorch) and those are optional
+TARGET_MODULES = {
+    "pt2": "qgraph.export.pt2",
+    "aoti": "qgraph.export.aoti",
+    "onnx": "qgraph.export.onnx",
+    "gguf": "qgraph.export.gguf",
+    "executorch": "qgraph.export.executorch",
+}
+# the target a file suffix means when no format is given (AOTInductor packages are .pt2 too: format="aoti")
+SUFFIX_TARGETS = {".pt2": "pt2", ".onnx": "onnx", ".gguf": "gguf", ".pte": "executorch"}
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What a target's writer is given: the finalized module, where to write, its options, the example
+    inputs a trace should use."""
+
+    module: QGraphModule
+    path: Path
+    options: Any
+    example_inputs: dict[str, torch.Tensor]
+
+
+def targets() -> list[str]:
+    return list(TARGET_MODULES)
+
+
+def get_target(name: str) -> ExportTarget:
+    if name not in TARGET_MODULES:
+        raise ExportError(unknown_name_message("export format", name, TARGET_MODULES))
+    try:
+        module = importlib.import_module(TARGET_MODULES[name])
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("qgraph"):
+            raise ExportError(f"the {name} target is not part of this qgraph build") from exc
+        raise ExportError(f"the {name} target needs the package {exc.name!r}, which is not installed; "
+                          "install qgraph's export extra: pip install -e '.[export]'") from exc
+    return module.TARGET
+
+
+def resolve_target(path: Path, format: str | None) -> ExportTarget:
+    if format is not None:
+        return get_target(format)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIX_TARGETS:
+        known = ", ".join(f"{s} ({t})" for s, t in SUFFIX_TARGETS.items())
+        raise ExportError(f"cannot tell the export format from {path.name!r}; name the file with one of {known}, "
+                          f"or pass format= (one of {', '.join(TARGET_MODULES)})")
+    return get_target(SUFFIX_TARGETS[suffix])
+
+
+def target_options(target: ExportTarget, options: dict[str, Any]) -> Any:
+    unknown = [key for key in options if key not in target.option_names()]
+    if unknown:
+        raise ExportError(unknown_name_message(f"{target.name} option", unknown[0], target.option_names())
+                          if target.option_names() else f"the {target.name} target takes no options; got {unknown}")
+    try:
+        return target.options_type(**options)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{target.name} target: {exc}") from exc
+
+
+def fitting_targets(module: QGraphModule) -> list[str]:
+    """The targets (installed ones) that can express this finalized module with their default options."""
+    fits = []
+    for name in TARGET_MODULES:
+        try:
+            target = get_target(name)
+        except ExportError:
+            continue
+        if target.unsupported(module, target.options_type()) is None:
+            fits.append(name)
+    return fits
+
+
+def export(module: QGraphModule, path: str | os.PathLike, *, format: str | None = None,
+           example_inputs: Any = None, console: Console | None = None, **options: Any) -> Path:
+    """Write `module` (what transform or finalize returned) to `path` for a deployment runtime; returns the path.
+
+    The format comes from the suffix (.pt2 .onnx .gguf .pte) or `format` ("aoti" for an AOTInductor
+    package). A trainable LR-QAT/PEQA/RTN module is finalized first. Everything is checked before anything
+    is written; the artifact is run by its own runtime in a fresh process and its logits compared with the
+    module's, and the report (what each op became, size, parity) is printed to `console`.
+    """
+    return export_report(module, path, format=format, example_inputs=example_inputs, console=console,
+                         **options).path
+
+
+def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str | None = None,
+                  example_inputs: Any = None, console: Console | None = None, **options: Any) -> ExportReport:
+    """`export`, returning its report."""
+    path = Path(path)
+    check_exportable(module)
+    target = resolve_target(path, format)
+    target_opts = target_options(target, options)
+    finalized, notes = deployable(module)
+    why = target.unsupported(finalized, target_opts)
+    if why is not None:
+        others = [name for name in fitting_targets(finalized) if name != target.name]
+        raise ExportError(f"the {target.name} target cannot export plan {finalized.plan.name!r}: {why}"
+                          + (f" (targets that fit this module: {', '.join(others)})" if others else ""))
+    cases = check_cases(int(finalized.info.config.vocab_size))
+    example = _example_inputs(finalized, example_inputs)
+    if example_inputs is not None:
+        cases.append(CheckCase(example["input_ids"], example["attention_mask"]))
+    expected = reference_logits(finalized, cases)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
+        staged = Path(scratch) / path.name
+        artifact = target.write(ExportJob(finalized, staged, target_opts, example))
+        export_seconds = time.perf_counter() - start
+        result = run_in_runtime(target.runner_path, staged, cases, extra_args=artifact.runner_args,
+                                allow_qgraph=target.needs_qgraph(target_opts))
+        parity = compare(expected, result.logits, cases)
+        if not parity.within(target.tolerance, target.relative_tolerance):
+            raise ExportError(
+                f"{target.name}: the runtime's logits differ from the PyTorch module's by up to "
+                f"{parity.max_abs_diff:.3g} (tolerance {target.tolerance:g}; logits range {parity.logits_range:.3g}, "
+                f"top-1 agreement {parity.top1_agreement:.1%}); nothing was written")
+        files = [staged, *artifact.extra_files]
+        file_bytes = sum(f.stat().st_size for f in files)
+        for file in files:  # into place only now that the runtime has run it
+            os.replace(file, path.parent / file.name)
+    report = ExportReport(target.name, path, finalized.plan.name, file_bytes, fp32_bytes(finalized),
+                          artifact.op_mapping, parity, target.tolerance, export_seconds, result.load_seconds,
+                          result.run_seconds, [*notes, *artifact.notes])
+    (console or Console()).print(report)
+    return report
+
+
+def _example_inputs(module: QGraphModule, example_inputs: Any) -> dict[str, torch.Tensor]:
+    if example_inputs is None:
+        return {name: module.info.example_inputs[name] for name in ("input_ids", "attention_mask")}
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = {"input_ids": example_inputs}
+    if not isinstance(example_inputs, dict) or "input_ids" not in example_inputs:
+        raise ExportError("example_inputs takes input_ids (a tensor) or a dict with input_ids and, optionally, "
+                          "attention_mask")
+    input_ids = example_inputs["input_ids"]
+    return {"input_ids": input_ids, "attention_mask": example_inputs.get("attention_mask", torch.ones_like(input_ids))}
+
+
+class _CallableModule(types.ModuleType):
+    """`qgraph.export` is this package and its entry point at once: calling it exports."""
+
+    def __call__(self, module: QGraphModule, path: str | os.PathLike, **kwargs: Any) -> Path:
+        return export(module, path, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["Artifact", "ExportJob", "ExportReport", "ExportTarget", "export", "export_report", "get_target",
+           "targets"]

@@ -1,0 +1,135 @@
+"""Run an artifact in its own runtime, in a fresh process, and compare its logits with PyTorch's.
+
+An artifact nobody ran is not exported: every target's file is loaded by a runner script (see
+runners/_protocol.py) in a new Python process in which qgraph cannot be imported, fed the same check
+batches as the PyTorch module, and its logits compared at every real (unpadded) position.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qgraph.errors import ExportError
+from qgraph.module import QGraphModule
+
+# (batch, sequence length, right padding of the last row): two shapes, one padded, so an artifact whose
+# batch or sequence axis was frozen at export, or that lets padding reach real tokens, fails the check
+CHECK_SHAPES = ((2, 12, 5), (1, 7, 0))
+FIRST_ORDINARY_ID = 3  # below: the special ids (pad, bos, eos) of most vocabularies
+
+# Imports of qgraph (and its passes) fail in the runner's process: the artifact must stand on its own.
+_BOOTSTRAP = """
+import runpy, sys
+class _NoQGraph:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("qgraph", "passes"):
+            raise ModuleNotFoundError(f"{{name}} is not importable here: the artifact must run without qgraph")
+        return None
+if {block}:
+    sys.meta_path.insert(0, _NoQGraph())
+runner = sys.argv[1]
+sys.path.insert(0, {runners!r})
+sys.argv = sys.argv[1:]
+runpy.run_path(runner, run_name="__main__")
+"""
+
+
+@dataclass(frozen=True)
+class CheckCase:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RuntimeResult:
+    logits: list[np.ndarray]
+    load_seconds: float
+    run_seconds: list[float]
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How the runtime's logits compare with PyTorch's at every real position of every check case."""
+
+    max_abs_diff: float
+    logits_range: float  # max - min of the PyTorch logits: what a relative tolerance is relative to
+    top1_agreement: float  # fraction of real positions whose argmax token agrees
+    positions: int
+
+    def within(self, tolerance: float, relative_tolerance: float = 0.0) -> bool:
+        return self.max_abs_diff <= max(tolerance, relative_tolerance * self.logits_range)
+
+
+def check_cases(vocab_size: int, *, seed: int = 0) -> list[CheckCase]:
+    """The check batches: CHECK_SHAPES of random ordinary token ids, padded rows right-padded with id 0."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for batch, seq, padding in CHECK_SHAPES:
+        low = min(FIRST_ORDINARY_ID, vocab_size - 1)
+        input_ids = torch.randint(low, vocab_size, (batch, seq), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        if padding:
+            attention_mask[-1, seq - padding:] = 0
+            input_ids[-1, seq - padding:] = 0
+        cases.append(CheckCase(input_ids, attention_mask))
+    return cases
+
+
+def reference_logits(module: QGraphModule, cases: list[CheckCase]) -> list[np.ndarray]:
+    """The PyTorch module's logits for each case, in float32."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return [module(input_ids=c.input_ids, attention_mask=c.attention_mask).logits.float().numpy()
+                    for c in cases]
+    finally:
+        module.train(was_training)
+
+
+def compare(expected: list[np.ndarray], actual: list[np.ndarray], cases: list[CheckCase]) -> Parity:
+    diffs, agree, positions, low, high = [], 0, 0, np.inf, -np.inf
+    for want, got, case in zip(expected, actual, cases, strict=True):
+        if got.shape != want.shape:
+            raise ExportError(f"the runtime returned logits of shape {got.shape} for input_ids of shape "
+                              f"{tuple(case.input_ids.shape)}; expected {want.shape}")
+        real = case.attention_mask.numpy().astype(bool)
+        want, got = want[real], got[real]
+        diffs.append(float(np.abs(want - got).max()))
+        agree += int((want.argmax(-1) == got.argmax(-1)).sum())
+        positions += int(real.sum())
+        low, high = min(low, float(want.min())), max(high, float(want.max()))
+    return Parity(max(diffs), high - low, agree / positions, positions)
+
+
+def run_in_runtime(runner: Path, artifact: Path, cases: list[CheckCase], *, extra_args: list[str] = (),
+                   allow_qgraph: bool = False, timeout: float = 900.0) -> RuntimeResult:
+    """Run `runner` on `artifact` in a fresh Python process (qgraph blocked unless allowed) over `cases`."""
+    with tempfile.TemporaryDirectory(prefix="qgraph-check-") as scratch:
+        inputs, outputs = Path(scratch) / "inputs.npz", Path(scratch) / "outputs.npz"
+        arrays = {}
+        for i, case in enumerate(cases):
+            arrays[f"input_ids_{i}"] = case.input_ids.numpy()
+            arrays[f"attention_mask_{i}"] = case.attention_mask.numpy()
+        np.savez(inputs, **arrays)
+        bootstrap = _BOOTSTRAP.format(block=not allow_qgraph, runners=str(runner.parent))
+        command = [sys.executable, "-c", bootstrap, str(runner), str(artifact), str(inputs), str(outputs),
+                   *extra_args]
+        # run from the scratch directory: the repository's own packages are not on the runner's path
+        done = subprocess.run(command, cwd=scratch, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONNOUSERSITE": "1"})
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            raise ExportError(f"{runner.stem} could not run {artifact.name} in a fresh process "
+                              f"(exit {done.returncode}):\n{tail}")
+        with np.load(outputs) as data:
+            logits = [data[f"logits_{i}"] for i in range(len(cases))]
+            return RuntimeResult(logits, float(data["load_seconds"]), [float(s) for s in data["run_seconds"]])

@@ -1,0 +1,92 @@
+"""qgraph.export's checks before anything is written, and the fresh-process runtime check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qgraph
+from qgraph.export.check import check_cases, compare, run_in_runtime
+from qgraph.export.program import deployable, is_finalized
+from tests.conftest import make_llama
+
+
+@pytest.fixture(scope="module")
+def lrqat_module() -> qgraph.QGraphModule:
+    return qgraph.transform(make_llama(), "lrqat-w4")
+
+
+def test_the_package_is_callable_and_lists_its_targets():
+    assert callable(qgraph.export)
+    assert qgraph.export.targets() == ["pt2", "aoti", "onnx", "gguf", "executorch"]
+
+
+def test_an_unknown_suffix_names_the_suffixes_and_formats(lrqat_module, tmp_path):
+    with pytest.raises(qgraph.ExportError, match=r"from 'model\.bin'.*\.pt2 \(pt2\).*\.onnx \(onnx\).*format="):
+        qgraph.export(lrqat_module, tmp_path / "model.bin")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_format_lists_the_formats_closest_first(lrqat_module, tmp_path):
+    with pytest.raises(qgraph.ExportError, match=r"unknown export format 'onx'; valid export formats \(closest first\): onnx"):
+        qgraph.export(lrqat_module, tmp_path / "model.onnx", format="onx")
+
+
+def test_export_takes_only_what_transform_returns(tmp_path):
+    with pytest.raises(qgraph.ExportError, match="takes the module qgraph.transform or qgraph.finalize returned"):
+        qgraph.export(make_llama(), tmp_path / "model.pt2")
+
+
+def test_a_trainable_module_is_finalized_first_and_a_finalized_one_is_kept(lrqat_module):
+    finalized, notes = deployable(lrqat_module)
+    assert is_finalized(finalized) and not is_finalized(lrqat_module)
+    assert "finalized first" in notes[0]
+    again, notes = deployable(finalized)
+    assert again is finalized and notes == []
+
+
+def test_check_cases_have_two_shapes_and_right_padding():
+    cases = check_cases(256)
+    assert [tuple(c.input_ids.shape) for c in cases] == [(2, 12), (1, 7)]
+    padded = cases[0].attention_mask[-1]
+    assert padded.tolist() == [1] * 7 + [0] * 5
+    assert all(int(c.input_ids.max()) < 256 for c in cases)
+
+
+def test_compare_reads_only_real_positions():
+    cases = check_cases(16)
+    expected = [np.zeros((*c.input_ids.shape, 16), dtype=np.float32) for c in cases]
+    actual = [e.copy() for e in expected]
+    actual[0][-1, -1] = 100.0  # a padded position: ignored
+    actual[1][0, 0, 3] = 0.5
+    parity = compare(expected, actual, cases)
+    assert parity.max_abs_diff == 0.5
+    assert parity.positions == 12 + 7 + 7
+
+
+def _write_runner(path, body: str):
+    path.write_text("import numpy as np\nfrom _protocol import serve\n" + body)
+    return path
+
+
+def test_the_runner_runs_in_a_fresh_process_without_qgraph(tmp_path):
+    ok = _write_runner(tmp_path / "echo.py", (
+        "def load(path, extra):\n    return int(open(path).read())\n"
+        "def run(vocab, ids, mask):\n    return np.eye(vocab, dtype=np.float32)[ids]\n"
+        "serve(load, run)\n"))
+    # the runner finds _protocol beside it: copy it there as the package's runners do
+    from qgraph.export.target import RUNNERS_DIR
+
+    (tmp_path / "_protocol.py").write_text((RUNNERS_DIR / "_protocol.py").read_text())
+    (tmp_path / "artifact").write_text("16")
+    cases = check_cases(16)
+    result = run_in_runtime(ok, tmp_path / "artifact", cases)
+    assert np.array_equal(result.logits[0], np.eye(16, dtype=np.float32)[cases[0].input_ids.numpy()])
+
+    blocked = _write_runner(tmp_path / "uses_qgraph.py", "import qgraph\n")
+    with pytest.raises(qgraph.ExportError, match="qgraph is not importable here: the artifact must run without qgraph"):
+        run_in_runtime(blocked, tmp_path / "artifact", cases)
+    allowed = _write_runner(tmp_path / "uses_qgraph_allowed.py", (
+        "import qgraph\nserve(lambda p, e: None, lambda s, ids, mask: np.zeros((*ids.shape, 2)))\n"))
+    assert run_in_runtime(allowed, tmp_path / "artifact", cases, allow_qgraph=True).logits[1].shape == (1, 7, 2)
