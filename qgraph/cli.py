@@ -12,6 +12,9 @@ from rich.console import Console
 
 from qgraph.errors import QGraphError
 
+# the main job: LR-QAT int4 (RTN at step 0), a short training run, then finalize and export
+DEFAULT_PLAN, DEFAULT_STEPS = "lrqat-w4", 10
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -45,14 +48,30 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--skip", action="append", default=[], metavar="PASS", help="skip this pass")
     inspect.set_defaults(run=_inspect)
 
-    demo = commands.add_parser("demo", help="the main job on the real SmolLM2-135M model")
-    demo.add_argument("--plan", default="nf4")
+    demo = commands.add_parser("demo", help="the main job on the real SmolLM2-135M model: train, finalize, export")
+    demo.add_argument("--plan", default=DEFAULT_PLAN)
     demo.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")
     demo.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --block-len tokens to score")
     demo.add_argument("--block-len", type=int, default=256)
-    demo.add_argument("--steps", type=int, default=0, help="training steps (plans with trainable parameters)")
+    demo.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                      help="training steps (plans with trainable parameters; 0 for the others)")
     demo.add_argument("--batch-size", type=int, default=4)
+    demo.add_argument("--out", type=Path, help="keep the exported files in this directory")
     demo.set_defaults(run=_demo)
+
+    export = commands.add_parser("export", help="transform (or restore), train, finalize and export a model")
+    export.add_argument("--model", default="smollm2", help="smollm2, tiny-llama / ..., or a local Hugging Face directory")
+    export.add_argument("--plan", default=DEFAULT_PLAN)
+    export.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")
+    export.add_argument("--steps", type=int, default=0, help="training steps before the export")
+    export.add_argument("--from", dest="from_dir", type=Path, metavar="ADAPTERS",
+                        help="restore a run saved with qm.save_pretrained(ADAPTERS) instead of --plan")
+    export.add_argument("--format", action="append", required=True, metavar="FORMAT",
+                        help="pt2, aoti, onnx, gguf or executorch (repeatable)")
+    export.add_argument("--out", type=Path, required=True, help="directory the files are written to")
+    export.add_argument("--batch-size", type=int, default=4)
+    export.add_argument("--block-len", type=int, default=256)
+    export.set_defaults(run=_export)
     return parser
 
 
@@ -104,7 +123,18 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     from qgraph.demo import run_demo
 
     run_demo(args.plan, parse_options(args.set), eval_blocks=args.eval_blocks, block_len=args.block_len,
-             steps=args.steps, batch_size=args.batch_size, console=console)
+             steps=args.steps, batch_size=args.batch_size, console=console, out_dir=args.out)
+    return 0
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from qgraph.deploy import export_trained
+
+    reports = export_trained(args.model, plan=args.plan, formats=args.format, out_dir=args.out, steps=args.steps,
+                             from_dir=args.from_dir, options=parse_options(args.set), batch_size=args.batch_size,
+                             block_len=args.block_len, console=console)
+    for report in reports:
+        console.print(f"wrote {report.path} ({report.target}, max |logits diff| {report.parity.max_abs_diff:.2e})")
     return 0
 
 

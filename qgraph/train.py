@@ -10,6 +10,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from qgraph.module import QGraphModule
+from qgraph.optim import param_groups
+from qgraph.side_network import SIDE_NETWORK_LR
+
+
+def default_optimizer(qm: QGraphModule) -> torch.optim.Optimizer:
+    """AdamW as the papers train: LR-QAT's A, B and scales at their own rates (qgraph.param_groups),
+    anything else (a QST side network) at SIDE_NETWORK_LR; betas (0.9, 0.95), no weight decay."""
+    if any(config.name == "lrqat" for config in qm.plan.passes):
+        return torch.optim.AdamW(param_groups(qm), betas=(0.9, 0.95), weight_decay=0.0)
+    return torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95), weight_decay=0.0)
+
 
 def train_causal_lm(model: nn.Module, batches: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
                     *, steps: int, console: Console | None = None, description: str = "training") -> list[float]:

@@ -133,3 +133,16 @@ def run_in_runtime(runner: Path, artifact: Path, cases: list[CheckCase], *, extr
         with np.load(outputs) as data:
             logits = [data[f"logits_{i}"] for i in range(len(cases))]
             return RuntimeResult(logits, float(data["load_seconds"]), [float(s) for s in data["run_seconds"]])
+
+
+def load_runner(runner: Path) -> tuple:
+    """A runner's (load, run) functions, for running an artifact in this process (the demo scores a model
+    through them): the same runtime calls the export check makes, without a second process."""
+    import runpy
+
+    sys.path.insert(0, str(runner.parent))
+    try:
+        namespace = runpy.run_path(str(runner), run_name=f"qgraph_runner_{runner.stem}")
+    finally:
+        sys.path.remove(str(runner.parent))
+    return namespace["load"], namespace["run"]

@@ -1,0 +1,62 @@
+"""`qgraph export`: a model from the command line, transformed (or loaded from a saved training run),
+trained for a few steps, finalized and exported — the whole way from a checkpoint to a deployable file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+import qgraph
+from qgraph.data import batches, token_blocks, train_heldout_split
+from qgraph.errors import PlanError
+from qgraph.export.report import ExportReport
+from qgraph.models import byte_tokenizer, resolve_model
+from qgraph.plans import get_plan, resolve_steps
+from qgraph.train import default_optimizer, train_causal_lm
+
+SEED = 0
+
+
+def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: Path, steps: int = 0,
+                   from_dir: Path | None = None, options: dict[str, Any] | None = None, batch_size: int = 4,
+                   block_len: int = 256, console: Console | None = None) -> list[ExportReport]:
+    """Load `model_spec`, transform it with `plan` (or restore the run saved in `from_dir`), train `steps`
+    steps on the pydoc training text, and export it in each of `formats` into `out_dir`."""
+    console = console or Console()
+    options = options or {}
+    for format in formats:  # an unknown format fails before the model is loaded
+        qgraph.export.get_target(format)
+    if from_dir is None:
+        resolve_steps(get_plan(plan), options)  # likewise a bad plan or option
+    torch.manual_seed(SEED)
+    with console.status(f"loading {model_spec}"):
+        model, tokenizer = resolve_model(model_spec)
+    if from_dir is not None:
+        from qgraph.pretrained import from_pretrained
+
+        with console.status(f"restoring the training run saved in {from_dir}"):
+            qm = from_pretrained(model, from_dir)
+    else:
+        with console.status(f"capturing and running plan {plan}"):
+            qm = qgraph.transform(model, plan, **options)
+    console.print(qm.report)
+    if steps:
+        if not qm.trainable_parameters():
+            raise PlanError(f"plan {qm.plan.name!r} has nothing to train; export it with --steps 0")
+        # a tiny random model has a byte-sized vocabulary and no tokenizer of its own
+        tokenizer = tokenizer or byte_tokenizer()
+        train_text, _ = train_heldout_split()
+        blocks = token_blocks(train_text, tokenizer, block_len)
+        train_causal_lm(qm, batches(blocks, batch_size, seed=SEED, steps=steps), default_optimizer(qm),
+                        steps=steps, console=console, description=f"training {qm.plan.name}")
+    name = Path(model_spec).name if Path(model_spec).is_dir() else model_spec
+    reports = []
+    for format in formats:
+        suffix = qgraph.export.get_target(format).suffixes[0]
+        path = out_dir / f"{name}-{qm.plan.name}{'-aoti' if format == 'aoti' else ''}{suffix}"
+        with console.status(f"exporting to {format} and running it in its runtime"):
+            reports.append(qgraph.export.export_report(qm, path, format=format, console=console))
+    return reports

@@ -1,0 +1,148 @@
+"""Export SmolLM2-135M to every deployment target and measure each artifact in its own runtime.
+
+Per target: export time (write + the export's own fresh-process check), file size, load time and
+prefill latency (1 x 128 tokens) in a fresh process running the artifact's runtime alone, and the
+next-token latency, next to the PyTorch finalized module and the fp32 model measured in this process.
+The artifacts take no KV cache yet: a next token is a forward over the prompt plus one token, so it is
+reported as such (prompt + 1), not as a cached decode step.
+
+    python tools/bench_export.py [--plan lrqat-w4] [--targets pt2 aoti onnx gguf executorch] [--repeats 5]
+
+Writes out/bench_export/results.json and results.md; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+import qgraph
+from qgraph.errors import ExportError
+from qgraph.export.check import CheckCase, run_in_runtime
+from qgraph.models import load_smollm2
+from qgraph.report import format_bytes
+
+PREFILL = 128
+
+
+@dataclass
+class Row:
+    name: str
+    file_bytes: int | None = None
+    export_seconds: float | None = None
+    load_seconds: float | None = None
+    prefill_ms: float | None = None
+    next_token_ms: float | None = None
+    max_abs_diff: float | None = None
+    note: str = ""
+
+
+def latency_cases(vocab: int, repeats: int) -> list[CheckCase]:
+    """`repeats` prefills of PREFILL tokens, then `repeats` of PREFILL + 1 (the next token, uncached)."""
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for length in (PREFILL, PREFILL + 1):
+        for _ in range(repeats):
+            ids = torch.randint(3, vocab, (1, length), generator=generator)
+            cases.append(CheckCase(ids, torch.ones_like(ids)))
+    return cases
+
+
+def in_process_latency(forward, cases: list[CheckCase], repeats: int) -> tuple[float, float]:
+    seconds = []
+    with torch.no_grad():
+        forward(cases[0].input_ids, cases[0].attention_mask)  # warm-up
+        for case in cases:
+            start = time.perf_counter()
+            forward(case.input_ids, case.attention_mask)
+            seconds.append(time.perf_counter() - start)
+    return medians_ms(seconds, repeats)
+
+
+def medians_ms(seconds: list[float], repeats: int) -> tuple[float, float]:
+    # the first run of each length in a fresh process includes one-time work: drop it when there is more
+    prefill, next_token = seconds[:repeats], seconds[repeats:]
+    trim = 1 if repeats > 2 else 0
+    return 1e3 * statistics.median(prefill[trim:]), 1e3 * statistics.median(next_token[trim:])
+
+
+def bench_target(finalized: qgraph.QGraphModule, target_name: str, out_dir: Path, cases: list[CheckCase],
+                 repeats: int, console: Console) -> Row:
+    target = qgraph.export.get_target(target_name)
+    path = out_dir / f"smollm2-{finalized.plan.name.removesuffix('+finalize')}-{target_name}{target.suffixes[0]}"
+    try:
+        report = qgraph.export.export_report(finalized, path, format=target_name, console=console)
+    except ExportError as exc:
+        return Row(target_name, note=str(exc).splitlines()[0][:160])
+    result = run_in_runtime(target.runner_path, path, cases, allow_qgraph=target.needs_qgraph(target.options_type()))
+    prefill, next_token = medians_ms(result.run_seconds, repeats)
+    return Row(target_name, report.file_bytes, report.export_seconds, result.load_seconds, prefill, next_token,
+               report.parity.max_abs_diff, "; ".join(report.notes)[:160])
+
+
+def table(rows: list[Row]) -> Table:
+    out = Table(title=f"SmolLM2-135M artifacts (prefill 1x{PREFILL}; next token = 1x{PREFILL + 1}, no KV cache)")
+    for column in ("artifact", "file", "export (s)", "load (s)", "prefill (ms)", "next token (ms)", "vs finalized",
+                   "max |logits diff|", "note"):
+        out.add_column(column)
+    baseline = next(r.prefill_ms for r in rows if r.name == "pytorch finalized")
+    for r in rows:
+        out.add_row(r.name, format_bytes(r.file_bytes) if r.file_bytes else "-", _num(r.export_seconds, ".1f"),
+                    _num(r.load_seconds, ".2f"), _num(r.prefill_ms, ".0f"), _num(r.next_token_ms, ".0f"),
+                    f"{baseline / r.prefill_ms:.2f}x faster" if r.prefill_ms else "-",
+                    _num(r.max_abs_diff, ".1e"), r.note)
+    return out
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| artifact | file | export (s) | load (s) | prefill 1x128 (ms) | next token (ms) | max abs logits diff |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {format_bytes(r.file_bytes) if r.file_bytes else '-'} | {_num(r.export_seconds, '.1f')} "
+                     f"| {_num(r.load_seconds, '.2f')} | {_num(r.prefill_ms, '.0f')} | {_num(r.next_token_ms, '.0f')} "
+                     f"| {_num(r.max_abs_diff, '.1e')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", default="lrqat-w4")
+    parser.add_argument("--targets", nargs="+", default=qgraph.export.targets())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_export"))
+    args = parser.parse_args()
+    console = Console(width=200)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model, _ = load_smollm2()
+    finalized = qgraph.finalize(qgraph.transform(model, args.plan))
+    cases = latency_cases(int(model.config.vocab_size), args.repeats)
+    fp32_ms = in_process_latency(lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False),
+                                 cases, args.repeats)
+    fin_ms = in_process_latency(lambda ids, mask: finalized(input_ids=ids, attention_mask=mask), cases, args.repeats)
+    rows = [Row("pytorch fp32 model", sum(p.numel() * 4 for p in model.parameters()), prefill_ms=fp32_ms[0],
+                next_token_ms=fp32_ms[1], note="in this process"),
+            Row("pytorch finalized", prefill_ms=fin_ms[0], next_token_ms=fin_ms[1], note="in this process (qgraph ops)")]
+    for name in track(args.targets, description="exporting", console=console):
+        rows.append(bench_target(finalized, name, args.out, cases, args.repeats, console))
+    console.print(table(rows))
+    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (args.out / "results.md").write_text(markdown(rows))
+    console.print(f"written to {args.out}/ (results.json, results.md)")
+
+
+if __name__ == "__main__":
+    main()
