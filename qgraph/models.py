@@ -10,6 +10,7 @@ import contextlib
 import copy
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -17,11 +18,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers.models import BPE
-from transformers import (
+# transformers imports torchao when it is installed (executorch brings it); torchao then warns about its
+# CUDA-only kernel libraries and torch about enums torchao registers: noise in every CPU command
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from tokenizers import Tokenizer, decoders, pre_tokenizers  # noqa: E402
+from tokenizers.models import BPE  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -34,9 +40,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers.utils import logging as hf_logging
+from transformers.utils import logging as hf_logging  # noqa: E402
 
-from qgraph.errors import QGraphError, closest_first
+from qgraph.errors import QGraphError, closest_first  # noqa: E402
 
 # sdpa rather than eager: both capture with torch.export (dynamic batch and sequence) for every
 # family here, and sdpa is the implementation real checkpoints load with.
