@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from passes.quantize_nf4 import selected_sites
+from passes.quantize_nf4 import default_selection_note, selected_sites
 from qgraph.errors import PassError
 from qgraph.graph import LinearSite, as_patterns
 from qgraph.ops.lrqat import phi0_from_weight
@@ -22,7 +22,7 @@ from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.quant.downcast import PHI_FORMATS
 from qgraph.quant.uniform import MAX_BITS, MIN_BITS, SCALE_INIT_METHODS, init_scale, resolve_group_size
 from qgraph.report import REWRITTEN, SKIPPED, PassReport, SiteRecord
-from qgraph.rewrite import replace_site, site_weight, weight_users
+from qgraph.rewrite import other_readers, replace_site, site_weight
 
 PASS_NAME = "lrqat"
 # Attribute names registered on each rewritten linear's module (prefixed with the weight's own
@@ -98,11 +98,12 @@ def lrqat(gm: fx.GraphModule, context: PassContext, options: LRQATOptions) -> Pa
     report = PassReport(PASS_NAME, options_dict(options))
     sites = selected_sites(gm, options.include, options.exclude)
     report.matched = len(sites)
+    report.notes.extend(default_selection_note(gm, options.include))
     # Decide every site before touching any: a group size that cannot apply fails with the model intact.
     plans: list[tuple[LinearSite, int | None, str]] = []  # (site, group size or None if skipped, why)
     fallbacks: list[LinearSite] = []
     for site in sites:
-        tied = [n.name for n in weight_users(gm, site.weight_name) if n is not site.node]
+        tied = [n.name for n in other_readers(gm, site)]
         if tied:
             plans.append((site, None, f"weight {site.weight_name} is also read by {', '.join(tied)} (tied); "
                                       "quantizing it would change those too: exclude this site or untie the weights"))

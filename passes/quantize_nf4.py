@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qgraph.graph import LinearSite, as_patterns, block_sites, linear_sites, select_sites
+from qgraph.graph import LinearSite, as_patterns, block_sites, decoder_blocks, linear_sites, select_sites
 from qgraph.ops.nf4 import quantize_nf4 as quantize_weight
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import REWRITTEN, SKIPPED, PassReport, SiteRecord
-from qgraph.rewrite import replace_site, site_bias, site_weight, weight_users
+from qgraph.rewrite import other_readers, replace_site, site_bias, site_weight
 
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -35,17 +35,30 @@ class NF4Options:
 
 
 def selected_sites(gm: fx.GraphModule, include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[LinearSite]:
-    """The default is every decoder-block linear; explicit globs select among all linear sites."""
-    candidates = block_sites(gm) if include is None else select_sites(linear_sites(gm), include)
+    """The default is every decoder-block linear, or every linear of a module without decoder blocks (a plain
+    MLP); explicit globs select among all linear sites."""
+    candidates = default_sites(gm) if include is None else select_sites(linear_sites(gm), include)
     return select_sites(candidates, ("*",), exclude)
+
+
+def default_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    return block_sites(gm) if decoder_blocks(gm) else linear_sites(gm)
+
+
+def default_selection_note(gm: fx.GraphModule, include: tuple[str, ...] | None) -> list[str]:
+    """The report's word on a default selection that is not the decoder blocks' linears."""
+    if include is None and not decoder_blocks(gm):
+        return ["no decoder blocks found (a module that is not a transformer stack): every linear site selected"]
+    return []
 
 
 def quantize_nf4(gm: fx.GraphModule, context: PassContext, options: NF4Options) -> PassResult:
     report = PassReport("quantize_nf4", options_dict(options))
     sites = selected_sites(gm, options.include, options.exclude)
     report.matched = len(sites)
+    report.notes.extend(default_selection_note(gm, options.include))
     for site in sites:
-        tied = [n.name for n in weight_users(gm, site.weight_name) if n is not site.node]
+        tied = [n.name for n in other_readers(gm, site)]
         if tied:
             report.records.append(SiteRecord(site.path, SKIPPED, reason=(
                 f"weight {site.weight_name} is also read by {', '.join(tied)} (tied); quantizing it would "

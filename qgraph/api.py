@@ -11,10 +11,14 @@ from torch import nn
 
 from qgraph.capture import capture, capture_info
 from qgraph.errors import PlanError, unknown_name_message
+from qgraph.graph import LINEAR_FORMS
+from qgraph.inputs import check_model
 from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
 from qgraph.plans import Plan, get_plan, resolve_steps, with_checkpoint
-from qgraph.report import TransformReport
+from qgraph.report import PassReport, TransformReport
+
+LINEAR_PASSES = ("quantize_nf4", "lrqat")  # the passes that rewrite linear layers
 
 
 def transform(
@@ -46,11 +50,13 @@ def transform(
         if name not in pass_names:
             raise PlanError(unknown_name_message("pass", name, pass_names) + f" (plan {plan.name!r})")
 
+    check_model(model)
     start = time.perf_counter()
     gm = capture(model, example_inputs)
     report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
     context = PassContext(example_inputs=capture_info(gm).example_inputs)
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
+    check_rewrote_linears(plan, report.passes)
 
     trainable = {name for names in context.trainable.values() for name in names}
     freeze_untrained(gm, trainable)
@@ -67,6 +73,18 @@ def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: 
     (plan, options, checkpoint choice), so a caller can ask before capturing."""
     resolved = with_checkpoint(get_plan(plan), checkpoint)
     return resolved, resolve_steps(resolved, options)
+
+
+def check_rewrote_linears(plan: Plan, reports: list[PassReport]) -> None:
+    """A plan whose linear-rewriting passes ran and rewrote nothing is an error, not a module that trains nothing."""
+    ran = [r for r in reports if r.name in LINEAR_PASSES and r.ran]
+    if not ran or any(r.rewritten for r in ran):
+        return
+    skipped = [f"{record.path or '(root)'}: {record.reason}" for r in ran for record in r.skipped]
+    why = (f"every matched linear was skipped ({'; '.join(skipped[:3])})" if skipped
+           else f"no linear layer was found; it looks for {LINEAR_FORMS}")
+    raise PlanError(f"plan {plan.name!r} rewrote nothing: {why}. Transformers' decoder blocks are selected by "
+                    "default; pass include=['<module path glob>'] to select other layers")
 
 
 def freeze_untrained(gm: nn.Module, trainable: set[str]) -> None:

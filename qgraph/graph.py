@@ -20,6 +20,13 @@ from torch import fx, nn
 from qgraph.recompute import checkpoint
 
 aten = torch.ops.aten
+# `x @ w` in each form capture leaves it: torch.fx keeps the Python operator, torch.export gives aten.matmul
+MATMUL_TARGETS = (operator.matmul, torch.matmul, aten.matmul.default)
+# a 2-D weight's transpose as torch.export (`W.T`, `W.t()`) and torch.fx (`torch.t(W)`) record it
+TRANSPOSE_TARGETS = (aten.t.default, aten.numpy_T.default, torch.t)
+# What counts as a linear site, for messages that say what a pass looked for.
+LINEAR_FORMS = ("nn.Linear modules, F.linear / aten.linear, addmm or mm against a 2-D weight attribute (GPT-2's "
+                "Conv1D), and x @ W.T / x @ W / torch.matmul against a 2-D weight attribute")
 
 
 # --- module paths ---------------------------------------------------------------------------------------
@@ -58,7 +65,8 @@ class LinearSite:
     """One matmul against a weight attribute: `y = x @ W^T + b`, wherever it came from.
 
     `weight_name` is the qualified attribute in the GraphModule. `transposed` is True where the weight is
-    stored (in, out), as in GPT-2's Conv1D (`addmm(bias, x, W)`).
+    stored (in, out), as in GPT-2's Conv1D (`addmm(bias, x, W)`) or `x @ W`. `weight_view` is the transpose
+    node between the attribute and the matmul in `x @ W.T` (None when the matmul reads the attribute).
     """
 
     node: fx.Node
@@ -69,6 +77,7 @@ class LinearSite:
     in_features: int
     out_features: int
     transposed: bool
+    weight_view: fx.Node | None = None
 
     @property
     def kind(self) -> str:
@@ -93,15 +102,18 @@ def _as_linear_site(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
                           linear.in_features, linear.out_features, transposed=False)
     if node.op != "call_function":
         return None
+    weight_view = None
     if node.target == aten.linear.default:
         x, weight, bias = (list(node.args) + [None])[:3]
         transposed = False
     elif node.target == aten.addmm.default:
         bias, x, weight = node.args[:3]
         transposed = True
-    elif node.target == aten.mm.default:
+    elif node.target == aten.mm.default or node.target in MATMUL_TARGETS:
         x, weight = node.args[:2]
         bias, transposed = None, True
+        if _transposed_attr(weight) is not None:  # x @ W.T: W is stored (out, in), as nn.Linear stores it
+            weight_view, weight, transposed = weight, _transposed_attr(weight), False
     else:
         return None
     if not _is_attr(weight) or (bias is not None and not _is_attr(bias)):
@@ -111,7 +123,25 @@ def _as_linear_site(gm: fx.GraphModule, node: fx.Node) -> LinearSite | None:
         return None
     in_features, out_features = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
     return LinearSite(node, module_path(node), x, weight.target, bias.target if bias is not None else None,
-                      int(in_features), int(out_features), transposed)
+                      int(in_features), int(out_features), transposed, weight_view)
+
+
+def _transposed_attr(node: object) -> fx.Node | None:
+    """The attribute node `node` transposes (`W.T`, `W.t()`, `W.transpose(0, 1)`, `aten.t(W)`), else None."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or not node.args or not _is_attr(node.args[0]):
+        return None
+    rest = tuple(node.args[1:])
+    if node.op == "call_function" and node.target in TRANSPOSE_TARGETS and not rest:
+        return node.args[0]
+    if node.op == "call_function" and node.target is getattr and rest in (("T",), ("mT",)):
+        return node.args[0]
+    if node.op == "call_method" and node.target == "t" and not rest:
+        return node.args[0]
+    is_transpose = ((node.op == "call_method" and node.target == "transpose")
+                    or (node.op == "call_function" and node.target in (aten.transpose.int, torch.transpose)))
+    if is_transpose and rest in ((0, 1), (1, 0), (-1, -2), (-2, -1)):
+        return node.args[0]
+    return None
 
 
 def _is_attr(node: object) -> bool:

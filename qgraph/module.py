@@ -12,6 +12,7 @@ from qgraph.capture import MAX_BATCH, CaptureInfo
 from qgraph.compile import compile_module
 from qgraph.errors import QGraphError
 from qgraph.graph import get_attr_tensor
+from qgraph.inputs import check_call
 from qgraph.loss import linear_cross_entropy
 from qgraph.plans import Plan
 from qgraph.report import TransformReport
@@ -59,9 +60,8 @@ class HFQGraphModule(QGraphModule):
         if unexpected:
             raise TypeError(f"{self.info.model_class} was captured with input_ids, attention_mask and labels; "
                             f"got unexpected arguments {sorted(unexpected)}")
-        self._check_shape(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        self._check_call(input_ids, attention_mask, labels)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
         if self.info.lm_head is not None:
             return self._apply_head(output, labels, **loss_kwargs)
@@ -94,9 +94,8 @@ class HFQGraphModule(QGraphModule):
         When chunk_lm_loss moved the head out of the graph, the head runs on that position alone
         rather than on every position (a fifth of SmolLM2's compute per token is its head)."""
         self.require_causal_lm("next-token logits need")
-        self._check_shape(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        self._check_call(input_ids, attention_mask)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
         if self.info.lm_head is None:
             return output.logits[:, -1]
@@ -116,14 +115,12 @@ class HFQGraphModule(QGraphModule):
         return self.info.loss_function(logits=logits, labels=labels, vocab_size=self.info.config.vocab_size,
                                        **loss_kwargs)
 
-    def _check_shape(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 2:
-            raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
-        if not 1 <= batch <= MAX_BATCH or not 1 <= seq <= self.info.max_seq_len:
-            raise QGraphError(
-                f"input_ids shape {tuple(input_ids.shape)} is outside the captured range "
-                f"(batch 1..{MAX_BATCH}, seq 1..{self.info.max_seq_len}); split the batch or shorten the text")
+    def _check_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> None:
+        """Bad arguments as errors that name them, not as errors from inside the graph (qgraph.inputs)."""
+        check_call(input_ids, attention_mask, labels, vocab_size=getattr(self.info.config, "vocab_size", None),
+                   max_batch=MAX_BATCH, max_seq_len=self.info.max_seq_len,
+                   per_token_labels=self.info.model_class.endswith("ForCausalLM"))
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Decode with this module in the loop (greedy, or sampling): see `qgraph.generate.generate`."""

@@ -25,6 +25,12 @@ def weight_users(gm: fx.GraphModule, weight_name: str) -> list[fx.Node]:
     return [user for node in gm.graph.find_nodes(op="get_attr", target=weight_name) for user in node.users]
 
 
+def other_readers(gm: fx.GraphModule, site: LinearSite) -> list[fx.Node]:
+    """Nodes other than the site itself (and its `W.T` view) that read the site's weight: tied weights."""
+    own = {site.node, site.weight_view}
+    return [node for node in weight_users(gm, site.weight_name) if node not in own]
+
+
 def owner_path(site: LinearSite) -> str:
     return site.weight_name.rpartition(".")[0]
 
@@ -43,21 +49,31 @@ def replace_site(
     """
     owner_name = owner_path(site)
     owner = gm.get_submodule(owner_name) if owner_name else gm
+    names = _attribute_names(owner, site, tensors)
     for name, tensor in tensors.items():
         if isinstance(tensor, nn.Parameter):
-            owner.register_parameter(name, tensor)
+            owner.register_parameter(names[name], tensor)
         else:
-            owner.register_buffer(name, tensor)
+            owner.register_buffer(names[name], tensor)
     graph = gm.graph
     with graph.inserting_before(site.node):
-        attrs = {name: graph.get_attr(f"{owner_name}.{name}" if owner_name else name) for name in tensors}
+        attrs = {name: graph.get_attr(f"{owner_name}.{names[name]}" if owner_name else names[name]) for name in tensors}
         bias = graph.get_attr(site.bias_name) if site.bias_name else None
         new = graph.call_function(op, tuple(make_args(site.input, attrs, bias)))
     new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
     site.node.replace_all_uses_with(new)
     graph.erase_node(site.node)
+    if site.weight_view is not None and not site.weight_view.users:
+        graph.erase_node(site.weight_view)
     _drop_unused_attr(gm, site.weight_name)
     return new
+
+
+def _attribute_names(owner: nn.Module, site: LinearSite, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Where each tensor is registered: its own name, or prefixed with the weight's attribute name when the
+    module holds several weights (`x @ self.up.T` and `x @ self.down.T` in one module) and the name is taken."""
+    weight_attr = site.weight_name.rpartition(".")[2]
+    return {name: f"{weight_attr}_{name}" if hasattr(owner, name) else name for name in tensors}
 
 
 def _drop_unused_attr(gm: fx.GraphModule, qualified_name: str) -> None:

@@ -1,0 +1,87 @@
+"""Checks of what users hand to qgraph: the model before it is captured, the arguments of each call.
+
+Each check raises before anything changes, with a message that names the argument, what is wrong with it
+and the fix; what would otherwise surface is a raw PyTorch error from deep inside a kernel or an export
+guard, or (for a NaN weight) no error at all. The call checks read shapes and dtypes, plus one min/max of
+the token ids: host-side work once per call, outside any compiled region.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qgraph.errors import QGraphError
+
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse a model whose tensors are not materialized, or whose weights hold NaN or inf."""
+    unmaterialized = [name for name, tensor in _named_tensors(model) if tensor.device.type == "meta"]
+    if unmaterialized:
+        raise QGraphError(
+            f"{len(unmaterialized)} tensor(s) of the model are on the meta device (not materialized), e.g. "
+            f"{', '.join(unmaterialized[:3])}; materialize the model first (model.to_empty(device='cpu') and "
+            "load its weights, or load it without device_map / offloading) and transform it then")
+    for name, tensor in _named_tensors(model):
+        if tensor.is_floating_point():
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if bad:
+                layer = name.rpartition(".")[0] or name
+                raise QGraphError(
+                    f"{name} holds {bad} non-finite value(s) (NaN or inf) in layer {layer!r}; quantizing or training "
+                    "on it would spread them through every output. Fix or reload that weight before transforming")
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def check_call(input_ids: object, attention_mask: object, labels: object, *, vocab_size: int | None,
+               max_batch: int, max_seq_len: int | None, per_token_labels: bool = True) -> None:
+    """The arguments of a transformed model's call: token ids and a mask of one (batch, seq) shape, labels of
+    that shape too (`per_token_labels`, a causal LM) or one row per sequence (a classifier)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype != torch.int64:
+        raise TypeError(f"input_ids must hold torch.int64 token ids (the dtype the graph was captured with), got "
+                        f"{input_ids.dtype}; pass the tokenizer's ids as they come, or ids.long()")
+    if input_ids.dim() != 2:
+        raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    if not 1 <= batch <= max_batch or not 1 <= seq <= (max_seq_len or seq):
+        raise QGraphError(
+            f"input_ids shape {tuple(input_ids.shape)} is outside the captured range "
+            f"(batch 1..{max_batch}, seq 1..{max_seq_len}); split the batch or shorten the text")
+    if attention_mask is not None:
+        _check_same_shape("attention_mask", attention_mask, input_ids)
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise TypeError(f"attention_mask must hold integers or booleans (1 for a real token, 0 for padding), "
+                            f"got {attention_mask.dtype}")
+    if labels is not None and per_token_labels:
+        _check_same_shape("labels", labels, input_ids)
+    elif labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() == 0 or len(labels) != batch):
+        raise QGraphError(f"labels has shape {tuple(getattr(labels, 'shape', ()))} but input_ids has "
+                          f"{tuple(input_ids.shape)}; a classifier takes one label (or one row of labels) per "
+                          f"sequence: ({batch},)")
+    if vocab_size is not None:
+        _check_token_range(input_ids, vocab_size)
+
+
+def _check_same_shape(name: str, tensor: object, input_ids: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.shape != input_ids.shape:
+        raise QGraphError(f"{name} has shape {tuple(tensor.shape)} but input_ids has {tuple(input_ids.shape)}; "
+                          f"{name} must have input_ids' (batch, seq) shape")
+
+
+def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
+    low, high = torch.aminmax(input_ids)
+    if int(low) >= 0 and int(high) < vocab_size:
+        return
+    bad = ((input_ids < 0) | (input_ids >= vocab_size)).nonzero()[0].tolist()
+    value = int(input_ids[bad[0], bad[1]])
+    raise QGraphError(f"input_ids holds token id {value} at (batch {bad[0]}, position {bad[1]}), outside the "
+                      f"model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1}); was the text tokenized with "
+                      "this model's tokenizer?")

@@ -1,0 +1,137 @@
+"""Bad input is a clear error that names the argument and the fix, raised before anything changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qgraph
+from qgraph.errors import PlanError, QGraphError
+from tests.conftest import VOCAB, make_llama, random_ids
+
+
+@pytest.fixture(scope="module")
+def lrqat_llama() -> qgraph.QGraphModule:
+    return qgraph.transform(make_llama(), "lrqat-w4")
+
+
+# --- the model --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan", ["nf4", "lrqat-w4"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_names_its_layer_and_count(plan, value, snapshot):
+    model = make_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, :2] = value
+    before = snapshot(model)
+    with pytest.raises(QGraphError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds 2 non-finite value\(s\) "
+                                          r"\(NaN or inf\) in layer 'model\.layers\.1\.mlp\.up_proj'"):
+        qgraph.transform(model, plan)
+    before.assert_unchanged(model)
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_fix():
+    with torch.device("meta"):
+        model = make_llama()
+    with pytest.raises(QGraphError, match=r"on the meta device \(not materialized\).*model\.embed_tokens\.weight.*"
+                                          r"to_empty"):
+        qgraph.transform(model, "nf4")
+
+
+class MatmulMLP(nn.Module):
+    """Linears written as `x @ W.T` and `torch.matmul(x, W.t())`, as some families' custom linear classes do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.up = nn.Parameter(torch.randn(128, 64, generator=generator) / 8)
+        self.down = nn.Parameter(torch.randn(64, 128, generator=generator) / 11)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.relu(x @ self.up.T), self.down.t())
+
+
+@pytest.mark.parametrize("plan", ["nf4", "lrqat-w4"])
+@pytest.mark.parametrize("example", [False, True], ids=["torch.fx", "torch.export"])
+def test_matmul_against_a_transposed_weight_is_a_linear_site(plan, example):
+    model = MatmulMLP()
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    qm = qgraph.transform(model, plan, example_inputs=(x,) if example else None)
+    assert sum(len(p.rewritten) for p in qm.report.passes) == 2
+    assert any("no decoder blocks found" in note for p in qm.report.passes for note in p.notes)
+    ops = {str(n.target) for n in qm.graph_module.graph.nodes if n.op == "call_function"}
+    assert not ops & {"<built-in function matmul>", "aten.matmul.default", "aten.t.default", "aten.numpy_T.default"}
+    expected = model(x)
+    relative = ((qm(x) - expected).norm() / expected.norm()).item()
+    assert 0 < relative < 0.2  # 4-bit weights of random Gaussians: close to the original, not equal
+    if plan == "lrqat-w4":
+        assert qm.report.trainable_params > 0
+
+
+def test_a_plan_that_rewrites_nothing_says_which_linear_forms_it_looked_for(snapshot):
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU())
+    before = snapshot(model)
+    with pytest.raises(PlanError, match=r"plan 'lrqat-w4' rewrote nothing: no linear layer was found; it looks for "
+                                        r"nn\.Linear modules.*x @ W\.T"):
+        qgraph.transform(model, "lrqat-w4")
+    before.assert_unchanged(model)
+
+
+def test_a_plan_whose_every_site_is_excluded_is_an_error():
+    with pytest.raises(PlanError, match="plan 'nf4' rewrote nothing: no linear layer was found"):
+        qgraph.transform(make_llama(), "nf4", exclude=["*"])
+
+
+# --- the call ---------------------------------------------------------------------------------------------
+
+
+def test_labels_of_another_shape_name_both_shapes(lrqat_llama):
+    ids = random_ids((2, 16))
+    with pytest.raises(QGraphError, match=r"labels has shape \(2, 15\) but input_ids has \(2, 16\)"):
+        lrqat_llama(input_ids=ids, labels=ids[:, :15])
+
+
+def test_an_attention_mask_of_another_shape_names_both_shapes(lrqat_llama):
+    ids = random_ids((2, 16))
+    with pytest.raises(QGraphError, match=r"attention_mask has shape \(2, 12\) but input_ids has \(2, 16\)"):
+        lrqat_llama(input_ids=ids, attention_mask=torch.ones(2, 12, dtype=torch.long))
+
+
+def test_a_token_id_outside_the_vocabulary_names_the_id_its_position_and_the_vocab(lrqat_llama):
+    ids = random_ids((2, 16))
+    ids[1, 7] = VOCAB + 3
+    with pytest.raises(QGraphError, match=rf"token id {VOCAB + 3} at \(batch 1, position 7\), outside the model's "
+                                          rf"vocabulary of {VOCAB}"):
+        lrqat_llama(input_ids=ids)
+    ids[1, 7] = -1
+    with pytest.raises(QGraphError, match=r"token id -1 at \(batch 1, position 7\)"):
+        lrqat_llama.next_token_logits(ids)
+
+
+def test_float_input_ids_name_the_dtypes_accepted(lrqat_llama):
+    with pytest.raises(TypeError, match=r"input_ids must hold torch\.int64 token ids \(the dtype the "
+                                        r"graph was captured with\), got torch\.float32"):
+        lrqat_llama(input_ids=random_ids((2, 16)).float())
+
+
+def test_a_float_attention_mask_is_refused(lrqat_llama):
+    ids = random_ids((2, 16))
+    with pytest.raises(TypeError, match="attention_mask must hold integers"):
+        lrqat_llama(input_ids=ids, attention_mask=torch.ones(2, 16))
+
+
+def test_int32_ids_are_refused_with_the_cast_that_fixes_them(lrqat_llama):
+    with pytest.raises(TypeError, match=r"input_ids must hold torch\.int64 token ids.*got torch\.int32.*ids\.long\(\)"):
+        lrqat_llama(input_ids=random_ids((2, 16)).int())
+
+
+def test_a_bool_or_int32_attention_mask_is_taken_as_the_int64_mask_it_means(lrqat_llama):
+    ids = random_ids((2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        expected = lrqat_llama(input_ids=ids, attention_mask=mask).logits
+        for other in (mask.bool(), mask.int()):
+            assert torch.equal(lrqat_llama(input_ids=ids, attention_mask=other).logits, expected)
