@@ -23,6 +23,7 @@ from torch.export import Dim
 
 from qgraph.errors import CaptureError
 from qgraph.loss import LMHead
+from qgraph.fingerprint import weights_digest
 
 MAX_BATCH = 64
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 16  # > 1 so export does not specialise the dims to 0/1
@@ -42,6 +43,9 @@ class CaptureInfo:
     loss_function: Callable | None = None  # the model's own loss (HF), given logits and labels
     max_seq_len: int | None = None
     lm_head: LMHead | None = None  # set when a pass moved the LM head out of the graph (chunk_lm_loss)
+    # digest of the original model's weights (qgraph.fingerprint.weights_digest): what a saved training
+    # state records, so that it is loaded only into the model it was trained on
+    weights_digest: str = ""
 
 
 def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.fx.GraphModule:
@@ -101,6 +105,7 @@ def _capture_hf(model: nn.Module, example_inputs: tuple | dict | None) -> torch.
         example_inputs=kwargs | constants,
         constant_kwargs=constants,
         model_class=type(model).__name__,
+        weights_digest=weights_digest(model),
         config=config,
         loss_function=getattr(model, "loss_function", None),
         max_seq_len=max_seq,
@@ -147,7 +152,7 @@ def _capture_module(model: nn.Module, example_inputs: tuple | dict | None) -> to
         gm = torch.export.export(model, args, dynamic_shapes=dynamic, strict=False).module()
     names = tuple(n.target for n in gm.graph.find_nodes(op="placeholder"))
     gm.meta["qgraph"] = CaptureInfo(kind="module", input_names=names, example_inputs=dict(zip(names, args)),
-                                    model_class=type(model).__name__)
+                                    model_class=type(model).__name__, weights_digest=weights_digest(model))
     return gm
 
 

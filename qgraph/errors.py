@@ -41,3 +41,7 @@ def unknown_name_message(kind: str, name: str, choices: Iterable[str]) -> str:
 
 class ExportError(QGraphError):
     """A module cannot go to a deployment target, or the artifact's runtime disagreed with PyTorch."""
+
+
+class PretrainedError(QGraphError):
+    """A saved training state (save_pretrained) cannot be written, or read into this model."""

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from qgraph.errors import QGraphError
-from qgraph.module import HFQGraphModule
 
 
 def generate(
@@ -61,8 +60,11 @@ def generate(
 
 
 def _next_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    if isinstance(model, HFQGraphModule):
-        return model.next_token_logits(input_ids, attention_mask)
+    # a transformed Hugging Face model (HFQGraphModule) runs its head on the last position alone; asked by
+    # attribute, not class, because qgraph.module imports this module for its `generate` method
+    next_token_logits = getattr(model, "next_token_logits", None)
+    if next_token_logits is not None:
+        return next_token_logits(input_ids, attention_mask)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
 
 
@@ -79,8 +81,9 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None
 
 def _check_arguments(model: nn.Module, input_ids: Tensor, max_new_tokens: int, temperature: float,
                      top_k: int | None) -> None:
-    if isinstance(model, HFQGraphModule):
-        model.require_causal_lm("generate needs")
+    require_causal_lm = getattr(model, "require_causal_lm", None)
+    if require_causal_lm is not None:
+        require_causal_lm("generate needs")
     info: Any = getattr(model, "info", None)
     if input_ids.dim() != 2:
         raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")

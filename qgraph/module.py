@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,11 +12,13 @@ from torch.nn import functional as F
 from qgraph.capture import MAX_BATCH, CaptureInfo
 from qgraph.compile import compile_module
 from qgraph.errors import QGraphError
+from qgraph.generate import generate
 from qgraph.graph import get_attr_tensor
 from qgraph.inputs import check_call
 from qgraph.loss import linear_cross_entropy
 from qgraph.plans import Plan
 from qgraph.report import TransformReport
+from qgraph.saved_state import save_pretrained
 
 
 class QGraphModule(nn.Module):
@@ -48,6 +51,11 @@ class QGraphModule(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the trainable tensors and the plan as it ran to `directory`, PEFT-style (atomically);
+        `qgraph.from_pretrained(base_model, directory)` rebuilds this module. See qgraph.pretrained."""
+        return save_pretrained(self, directory)
 
 
 class HFQGraphModule(QGraphModule):
@@ -124,8 +132,6 @@ class HFQGraphModule(QGraphModule):
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Decode with this module in the loop (greedy, or sampling): see `qgraph.generate.generate`."""
-        from qgraph.generate import generate
-
         return generate(self, input_ids, **kwargs)
 
 

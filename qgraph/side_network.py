@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qgraph.errors import QGraphError
+
 SIDE_MODULE = "qst_side"  # the side network's attribute on the GraphModule (and its parameters' prefix)
 DOWNSAMPLE_KINDS = ("adapter", "lora", "linear", "maxpool", "avgpool")
 ROPE_THETA = 10000.0
@@ -221,3 +223,13 @@ class SideNetwork(nn.Module):
     def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
         side = self.side_output(attention_mask, *taps).to(head_input.dtype)
         return self.mix * head_input + (1 - self.mix) * side
+
+
+def side_network(qm: nn.Module) -> SideNetwork:
+    """The side network inside a module that a QST plan (attach_side_taps) made."""
+    side = getattr(getattr(qm, "graph_module", None), SIDE_MODULE, None)
+    if not isinstance(side, SideNetwork):
+        plan = getattr(getattr(qm, "plan", None), "name", None)
+        raise QGraphError(f"this module has no QST side network (plan {plan!r}); transform the model with a plan "
+                          "that runs attach_side_taps, such as 'qst-nf4'")
+    return side

@@ -9,7 +9,7 @@ from qgraph.errors import QGraphError
 from qgraph.generate import generate
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.ops.nf4 import decode_nf4, quantize_nf4
-from qgraph.side_io import side_network
+from qgraph.side_network import side_network
 from tests.conftest import random_ids
 
 

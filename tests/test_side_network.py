@@ -100,3 +100,12 @@ def test_bad_config(kwargs, message):
 def test_wrong_number_of_taps():
     with pytest.raises(ValueError, match="reads 3 taps, got 2"):
         SideNetwork(config()).side_output(None, *taps()[:2])
+
+
+def test_side_network_of_a_module_without_one_names_the_plan_that_has_one(llama_nf4):
+    from qgraph.errors import QGraphError
+    from qgraph.side_network import side_network
+
+    _, qm = llama_nf4
+    with pytest.raises(QGraphError, match="has no QST side network .plan 'nf4'.*'qst-nf4'"):
+        side_network(qm)
