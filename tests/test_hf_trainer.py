@@ -50,3 +50,60 @@ def test_forward_names_the_hugging_face_arguments():
 
     qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4")
     assert list(inspect.signature(qm.forward).parameters) == ["input_ids", "attention_mask", "labels", "loss_kwargs"]
+
+
+def _trainer(trainer_class, qm, output_dir, max_steps: int):
+    from transformers import TrainingArguments
+
+    # a constant learning rate: a schedule spans max_steps, and the interrupted run is 2 steps of a 4-step one
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=max_steps,
+                             learning_rate=1e-2, lr_scheduler_type="constant", save_strategy="steps", save_steps=2,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    return trainer_class(model=qm, args=args, train_dataset=TokenBlocks())
+
+
+def _trainable(qm) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in qm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("trainer_class", ["Trainer", "QGraphTrainer"])
+def test_a_resumed_run_equals_an_uninterrupted_one(trainer_class, tmp_path):
+    import transformers
+
+    from qgraph.hf_trainer import QGraphTrainer
+
+    cls = QGraphTrainer if trainer_class == "QGraphTrainer" else transformers.Trainer
+    straight = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4")
+    _trainer(cls, straight, tmp_path / "straight", 4).train()
+
+    interrupted = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4")
+    _trainer(cls, interrupted, tmp_path / "run", 2).train()
+    resumed = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4")
+    _trainer(cls, resumed, tmp_path / "run", 4).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+    want, got = _trainable(straight), _trainable(resumed)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_qgraph_trainer_checkpoints_hold_the_trainable_tensors_only(tmp_path):
+    from qgraph.hf_trainer import QGraphTrainer
+
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4")
+    _trainer(QGraphTrainer, qm, tmp_path, 2).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    trainable_bytes = sum(p.numel() * p.element_size() for p in qm.trainable_parameters())
+    model_files = [f for f in checkpoint.iterdir() if f.suffix == ".safetensors"]
+    assert [f.name.startswith("trainable-") for f in model_files] == [True]
+    assert model_files[0].stat().st_size < trainable_bytes + 16_384  # the tensors and a safetensors header
+    frozen_bytes = sum(b.numel() * b.element_size() for b in qm.buffers())
+    assert frozen_bytes > trainable_bytes / 4  # so that saving the frozen weights would show in the size
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
+
+
+def test_qgraph_trainer_takes_only_transformed_modules():
+    from qgraph.hf_trainer import QGraphTrainer
+
+    with pytest.raises(qgraph.QGraphError, match="QGraphTrainer trains the module qgraph.transform returned"):
+        QGraphTrainer(model=tiny_causal_lm("llama", layers=1))
