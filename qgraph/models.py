@@ -31,14 +31,17 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -74,6 +77,12 @@ def _llama_like_keywords(layers: int, hidden: int) -> dict:
     }
 
 
+def _head_dim_keywords(layers: int, hidden: int) -> dict:
+    # gemma's config defaults head_dim to a fixed 256: hidden / heads instead
+    keywords = _llama_like_keywords(layers, hidden)
+    return {**keywords, "head_dim": hidden // keywords["num_attention_heads"]}
+
+
 def _gpt2_keywords(layers: int, hidden: int) -> dict:
     return {"n_layer": layers, "n_embd": hidden, "n_head": max(1, hidden // 16), "n_positions": TINY_MAX_POSITIONS}
 
@@ -83,6 +92,10 @@ TINY_FAMILIES = {
     "llama": TinyFamily(LlamaConfig, _llama_like_keywords),
     "mistral": TinyFamily(MistralConfig, _llama_like_keywords),
     "qwen2": TinyFamily(Qwen2Config, _llama_like_keywords),  # biases on q, k, v
+    # RMS norms on q and k per head; head_dim stays 128 (as in every Qwen3, and what GGUF readers assume)
+    "qwen3": TinyFamily(Qwen3Config, _llama_like_keywords),
+    "gemma": TinyFamily(GemmaConfig, _head_dim_keywords),  # (1 + w) norms, scaled embedding, tied head, GELU
+    "phi3": TinyFamily(Phi3Config, _llama_like_keywords),  # fused qkv_proj and gate_up_proj
 }
 
 

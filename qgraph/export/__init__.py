@@ -30,7 +30,7 @@ from qgraph.errors import ExportError, unknown_name_message
 from qgraph.export.check import CheckCase, check_cases, compare, reference_logits, run_in_runtime
 from qgraph.export.program import check_exportable, deployable, fp32_bytes
 from qgraph.export.report import ExportReport
-from qgraph.export.target import Artifact, ExportTarget
+from qgraph.export.target import RUNNERS_DIR, Artifact, ExportTarget
 from qgraph.module import QGraphModule
 
 # target name -> the module of this package that defines its TARGET; imported on use, since each pulls in
@@ -147,20 +147,25 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
         staged = Path(scratch) / path.name
         artifact = target.write(ExportJob(finalized, staged, target_opts, example))
         export_seconds = time.perf_counter() - start
-        result = run_in_runtime(target.runner_path, staged, cases, extra_args=artifact.runner_args,
+        runner = target.runner_path if artifact.runner is None else RUNNERS_DIR / artifact.runner
+        tolerance = target.tolerance if artifact.tolerance is None else artifact.tolerance
+        relative_tolerance = (target.relative_tolerance if artifact.relative_tolerance is None
+                              else artifact.relative_tolerance)
+        result = run_in_runtime(runner, staged, cases, extra_args=artifact.runner_args,
                                 allow_qgraph=target.needs_qgraph(target_opts))
         parity = compare(expected, result.logits, cases)
-        if not parity.within(target.tolerance, target.relative_tolerance):
+        allowed = parity.allowed(tolerance, relative_tolerance)
+        if parity.max_abs_diff > allowed:
             raise ExportError(
                 f"{target.name}: the runtime's logits differ from the PyTorch module's by up to "
-                f"{parity.max_abs_diff:.3g} (tolerance {target.tolerance:g}; logits range {parity.logits_range:.3g}, "
+                f"{parity.max_abs_diff:.3g} (tolerance {allowed:.3g}; logits range {parity.logits_range:.3g}, "
                 f"top-1 agreement {parity.top1_agreement:.1%}); nothing was written")
         files = [staged, *artifact.extra_files]
         file_bytes = sum(f.stat().st_size for f in files)
         for file in files:  # into place only now that the runtime has run it
             os.replace(file, path.parent / file.name)
     report = ExportReport(target.name, path, finalized.plan.name, file_bytes, fp32_bytes(finalized),
-                          artifact.op_mapping, parity, target.tolerance, export_seconds, result.load_seconds,
+                          artifact.op_mapping, parity, allowed, export_seconds, result.load_seconds,
                           result.run_seconds, [*notes, *artifact.notes])
     (console or Console()).print(report)
     return report

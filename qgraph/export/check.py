@@ -36,7 +36,7 @@ class _NoQGraph:
 if {block}:
     sys.meta_path.insert(0, _NoQGraph())
 runner = sys.argv[1]
-sys.path.insert(0, {runners!r})
+sys.path.append({runners!r})  # last: a runner named like a package (onnx.py) must not shadow that package
 sys.argv = sys.argv[1:]
 runpy.run_path(runner, run_name="__main__")
 """
@@ -64,8 +64,12 @@ class Parity:
     top1_agreement: float  # fraction of real positions whose argmax token agrees
     positions: int
 
+    def allowed(self, tolerance: float, relative_tolerance: float = 0.0) -> float:
+        """The largest difference accepted: the absolute tolerance, or a fraction of the logits' range."""
+        return max(tolerance, relative_tolerance * self.logits_range)
+
     def within(self, tolerance: float, relative_tolerance: float = 0.0) -> bool:
-        return self.max_abs_diff <= max(tolerance, relative_tolerance * self.logits_range)
+        return self.max_abs_diff <= self.allowed(tolerance, relative_tolerance)
 
 
 def check_cases(vocab_size: int, *, seed: int = 0) -> list[CheckCase]:
@@ -140,7 +144,7 @@ def load_runner(runner: Path) -> tuple:
     through them): the same runtime calls the export check makes, without a second process."""
     import runpy
 
-    sys.path.insert(0, str(runner.parent))
+    sys.path.append(str(runner.parent))  # last, as in the fresh process: runners must not shadow packages
     try:
         namespace = runpy.run_path(str(runner), run_name=f"qgraph_runner_{runner.stem}")
     finally:

@@ -29,6 +29,11 @@ class Artifact:
     extra_files: list[Path] = field(default_factory=list)
     # passed to the runner after the standard arguments (e.g. a session option)
     runner_args: list[str] = field(default_factory=list)
+    # how this artifact is checked when the target's options decide it (a runtime chosen by option, a tolerance
+    # derived from what the writer rounded); None: the target's runner, tolerance and relative_tolerance
+    runner: str | None = None
+    tolerance: float | None = None
+    relative_tolerance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,9 @@ class ExportTarget:
     """One deployment target.
 
     unsupported(module, options) -> None when the module fits, else why not (one sentence with the fix);
-    it runs before anything is written. write(module, path, options) writes the artifact at `path` (a
-    temporary name; export moves it into place once its runtime has run it) and returns an Artifact.
+    it runs before anything is written. write(job) writes job.module to job.path (an ExportJob, see
+    qgraph.export; the path is a temporary name that export moves into place once its runtime has run it)
+    and returns an Artifact.
     runner is a script under qgraph/export/runners/ that loads the artifact in the target's runtime in a
     fresh process (without qgraph unless needs_qgraph(options)) and writes its logits; tolerance is the
     largest |logits difference| against the PyTorch module that the target accepts.
@@ -48,7 +54,7 @@ class ExportTarget:
     description: str
     options_type: type
     unsupported: Callable[[QGraphModule, Any], str | None]
-    write: Callable[[QGraphModule, Path, Any], Artifact]
+    write: Callable[[Any], Artifact]  # takes a qgraph.export.ExportJob (defined there: it imports this module)
     runner: str
     tolerance: float
     needs_qgraph: Callable[[Any], bool] = lambda options: False
