@@ -27,7 +27,8 @@ def check_exportable(module: object) -> None:
     if not isinstance(module, QGraphModule):
         raise ExportError(f"qgraph.export takes the module qgraph.transform or qgraph.finalize returned, got "
                           f"{type(module).__name__}; transform the model first")
-    if module.info.kind != "hf" or not module.info.model_class.endswith("ForCausalLM"):
+    # GPT-2's causal LM class is GPT2LMHeadModel, older than the ...ForCausalLM naming
+    if module.info.kind != "hf" or not module.info.model_class.endswith(("ForCausalLM", "LMHeadModel")):
         raise ExportError(f"qgraph.export writes causal language models (input_ids, attention_mask -> logits); "
                           f"this module was captured from a {module.info.model_class or 'plain module'}")
 
@@ -67,7 +68,8 @@ def example_kwargs(module: QGraphModule) -> dict[str, torch.Tensor]:
 
 def fp32_bytes(module: QGraphModule) -> int:
     """What the model's weights take in float32: the size an artifact's 4-bit weights are set against."""
-    rewritten = [r for p in module.report.passes for r in p.rewritten]
+    # a site rewritten by several passes (lrqat, then fold_lrqat) counts once, as the last pass left it
+    rewritten = {r.path: r for p in module.report.passes for r in p.rewritten}.values()
     quantized_params = sum(r.params for r in rewritten)
     quantized_bytes = sum(r.bytes_after for r in rewritten)
     tensors = {id(t): t for t in (*module.graph_module.parameters(), *module.graph_module.buffers())}
