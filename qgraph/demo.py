@@ -25,6 +25,7 @@ from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import ExportError, PlanError
 from qgraph.evaluate import perplexity
 from qgraph.export.check import load_runner
+from qgraph.export.options import target_tokenizer
 from qgraph.generate import generate
 from qgraph.models import load_smollm2
 from qgraph.plans import get_plan, resolve_steps
@@ -75,13 +76,13 @@ def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len:
     deployable = qgraph.finalize(qm)
     rows.append(Row(f"{plan} finalized", perplexity(_logits(deployable), heldout, description="finalized")))
     with tempfile.TemporaryDirectory() as scratch:
-        rows.extend(_exported_rows(deployable, Path(out_dir or scratch), formats, heldout, console))
+        rows.extend(_exported_rows(deployable, Path(out_dir or scratch), formats, heldout, tokenizer, console))
     console.print(_results_table(rows, qm))
     return {row.model: row.perplexity for row in rows if row.perplexity is not None}
 
 
 def _exported_rows(deployable: qgraph.QGraphModule, out_dir: Path, formats: tuple[str, ...], heldout: torch.Tensor,
-                   console: Console) -> list[Row]:
+                   tokenizer: Any, console: Console) -> list[Row]:
     """Export to each format; ONNX is scored again in ONNX Runtime. A format that cannot hold the plan is
     reported in the table with the reason (not silently left out)."""
     rows = []
@@ -90,7 +91,8 @@ def _exported_rows(deployable: qgraph.QGraphModule, out_dir: Path, formats: tupl
         path = out_dir / f"smollm2-{deployable.plan.name.removesuffix('+finalize')}{target.suffixes[0]}"
         try:
             with console.status(f"exporting to {format} and checking it in its runtime"):
-                report = qgraph.export.export_report(deployable, path, format=format, console=console)
+                report = qgraph.export.export_report(deployable, path, format=format, console=console,
+                                                     **target_tokenizer(format, tokenizer))
         except ExportError as exc:
             console.print(f"[yellow]{format}: {exc}[/]")
             rows.append(Row(f"{format}: not exported (the reason is printed above)", None))

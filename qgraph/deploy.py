@@ -12,6 +12,7 @@ from rich.console import Console
 import qgraph
 from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import PlanError
+from qgraph.export.options import target_tokenizer
 from qgraph.export.report import ExportReport
 from qgraph.models import byte_tokenizer, resolve_model
 from qgraph.plans import get_plan, resolve_steps
@@ -47,9 +48,8 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
         if not qm.trainable_parameters():
             raise PlanError(f"plan {qm.plan.name!r} has nothing to train; export it with --steps 0")
         # a tiny random model has a byte-sized vocabulary and no tokenizer of its own
-        tokenizer = tokenizer or byte_tokenizer()
         train_text, _ = train_heldout_split()
-        blocks = token_blocks(train_text, tokenizer, block_len)
+        blocks = token_blocks(train_text, tokenizer or byte_tokenizer(), block_len)
         train_causal_lm(qm, batches(blocks, batch_size, seed=SEED, steps=steps), default_optimizer(qm),
                         steps=steps, console=console, description=f"training {qm.plan.name}")
     name = Path(model_spec).name if Path(model_spec).is_dir() else model_spec
@@ -58,5 +58,6 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
         suffix = qgraph.export.get_target(format).suffixes[0]
         path = out_dir / f"{name}-{qm.plan.name}{'-aoti' if format == 'aoti' else ''}{suffix}"
         with console.status(f"exporting to {format} and running it in its runtime"):
-            reports.append(qgraph.export.export_report(qm, path, format=format, console=console))
+            reports.append(qgraph.export.export_report(qm, path, format=format, console=console,
+                                                       **target_tokenizer(format, tokenizer)))
     return reports
