@@ -1,0 +1,70 @@
+"""The aoti target: the pt2 target's aten program compiled ahead of time by AOTInductor.
+
+`torch._inductor.aoti_compile_and_package` turns the program (qgraph ops decomposed into aten, weights
+still packed: qgraph.export.aten) into a shared library of C++ kernels packaged in a .pt2 archive; Python
+custom ops could not run there at all, which is why the decomposition is not optional for this target.
+Running it needs torch only:
+
+    model = torch._inductor.aoti_load_package("model_aoti.pt2")
+    logits = model(input_ids=ids, attention_mask=mask)
+
+A .pt2 suffix means the pt2 target unless asked: `qgraph.export(module, "model_aoti.pt2", format="aoti")`.
+Compiling takes a while (tens of seconds for a tiny model on two CPU cores); the report gives the time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from qgraph.errors import ExportError
+from qgraph.export.aten import op_mapping
+from qgraph.export.pt2 import exported_program
+from qgraph.export.target import Artifact, ExportTarget
+from qgraph.module import QGraphModule
+
+if TYPE_CHECKING:
+    from qgraph.export import ExportJob
+
+PACKAGE_SUFFIX = ".pt2"  # aoti_compile_and_package writes nothing else
+
+
+@dataclass(frozen=True)
+class AotiOptions:
+    """The aoti target takes no options."""
+
+
+def unsupported(module: QGraphModule, options: AotiOptions) -> str | None:
+    """Every plan fits: the program is the pt2 target's, aten only."""
+    return None
+
+
+def write(job: ExportJob) -> Artifact:
+    """Compile the aten program and package it at job.path."""
+    if job.path.suffix != PACKAGE_SUFFIX:
+        raise ExportError(f"AOTInductor packages are {PACKAGE_SUFFIX} files, got {job.path.name!r}; name it "
+                          f"e.g. {job.path.stem}{PACKAGE_SUFFIX}")
+    program = exported_program(job.module, job.example_inputs)
+    start = time.perf_counter()
+    torch._inductor.aoti_compile_and_package(program, package_path=str(job.path))
+    seconds = time.perf_counter() - start
+    return Artifact(op_mapping=op_mapping(job.module.graph_module.graph),
+                    notes=[f"AOTInductor compile: {seconds:.1f}s"])
+
+
+TARGET = ExportTarget(
+    name="aoti",
+    suffixes=(PACKAGE_SUFFIX,),
+    description="AOTInductor package of the aten program (torch._inductor.aoti_load_package(path))",
+    options_type=AotiOptions,
+    unsupported=unsupported,
+    write=write,
+    runner="aoti.py",
+    # inductor's generated kernels fuse and vectorise the reductions (norms, softmax, matmul accumulation) in
+    # another order than eager aten: ~1e-6 on tiny models, growing with depth; 1e-3 still fails any wrong
+    # weight or mask, which moves logits by far more
+    tolerance=1e-3,
+)
