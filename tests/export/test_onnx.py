@@ -116,6 +116,7 @@ EXPORTS = {
     "llama-lrqat-w4-per-channel-k48": ("llama", {"hidden": 48, "vocab": 32}, "lrqat-w4", {}, {}),
     "gpt2-nf4": ("gpt2", {}, "nf4", {}, {}),
     "llama-qst-nf4": ("llama", {}, "qst-nf4", {}, {}),
+    "gemma-lrqat-w4-g32": ("gemma", {}, "lrqat-w4", {"group_size": 32}, {}),
 }
 
 

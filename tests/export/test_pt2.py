@@ -120,6 +120,7 @@ def test_a_qgraph_op_without_a_decomposition_is_named():
     ("gpt2", "lrqat-w4", {}, "qgraph::int4_linear", 4, 1e-6),  # per channel; Conv1D linears, biases
     ("qwen2", "nf4", {}, "qgraph::nf4_linear", 7, 1e-5),  # q, k, v biases
     ("llama", "qst-nf4", {}, "qgraph::nf4_linear", 7, 1e-5),  # plus the side network (plain torch)
+    ("gemma", "lrqat-w4", {"group_size": 32}, "qgraph::int4_linear", 7, 1e-6),  # (1 + w) norms, GELU, tied head
 ])
 def test_every_plan_exports_to_an_aten_program_that_runs_without_qgraph(tmp_path, request, family, plan, options,
                                                                         op, count, within):
