@@ -3,6 +3,9 @@
 W_int = clamp(round(phi^-1(Phi0) + (alpha/r) A @ B)) is computed once and stored as b-bit codes (two per
 byte for b <= 4) with the trained scale s; Phi0, A and B are dropped. Both ops dequantize through the
 same function, so the folded graph's output equals the trained graph's bit for bit.
+
+A scale read through `qgraph::round_scale` (the lrqat pass's scale_dtype="float16") is folded rounded, as
+the trained forward saw it: the deployed scales are then exact in that format (what GGUF stores).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import fx
 
 from qgraph.graph import get_attr_tensor, module_path
 from qgraph.ops.int4 import fold_lrqat_weight
+from qgraph.ops.round_scale import is_round_scale, round_scale_reference, scale_source
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import REWRITTEN, SKIPPED, PassReport, SiteRecord
 
@@ -35,19 +39,23 @@ def fold_lrqat(gm: fx.GraphModule, context: PassContext, options: FoldLRQATOptio
         report.notes.append("no qgraph::lrqat_linear in the graph: nothing to fold")
     for node in nodes:
         path = module_path(node)
-        weights = node.args[1:5]
+        weights = (*node.args[1:4], scale_source(node.args[4]))
         if node.kwargs or not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in weights):
             report.records.append(SiteRecord(path or node.name, SKIPPED, reason=(
                 f"{node.name} does not read Phi0, A, B and s as module attributes in positional arguments "
-                "(not made by the lrqat pass); fold it by hand or re-run lrqat")))
+                "(s possibly through qgraph::round_scale; not made by the lrqat pass); fold it by hand or "
+                "re-run lrqat")))
             continue
         report.records.append(_fold(gm, node, path))
     return PassResult(gm, modified=bool(report.rewritten), report=report)
 
 
 def _fold(gm: fx.GraphModule, node: fx.Node, path: str) -> SiteRecord:
-    x, phi0_node, a_node, b_node, scale_node, bias, bits, group_size, lora_scale, phi_format = node.args
+    x, phi0_node, a_node, b_node, scale_arg, bias, bits, group_size, lora_scale, phi_format = node.args
+    scale_node = scale_source(scale_arg)
     phi0, lora_a, lora_b, scale = (get_attr_tensor(gm, n.target) for n in (phi0_node, a_node, b_node, scale_node))
+    if is_round_scale(scale_arg):  # the value the trained forward multiplied by, not the fp32 parameter
+        scale = round_scale_reference(scale.detach(), scale_arg.args[1])
     codes, folded_scale = fold_lrqat_weight(phi0, lora_a, lora_b, scale, bits, group_size, lora_scale, phi_format)
     # a buffer of its own: the trained parameter it came from must not share (or keep alive) its storage
     folded_scale = folded_scale.clone()
@@ -68,16 +76,19 @@ def _fold(gm: fx.GraphModule, node: fx.Node, path: str) -> SiteRecord:
     new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    if is_round_scale(scale_arg) and not scale_arg.users:
+        graph.erase_node(scale_arg)
     bytes_before = sum(t.numel() * t.element_size() for t in (phi0, lora_a, lora_b, scale))
     for attr in (phi0_node, a_node, b_node, scale_node):
         _drop_if_unused(gm, attr.target)
 
     grouping = f"g{group_size}" if group_size > 0 else "per-channel"
     packing = "packed 2/byte" if codes.dtype == torch.uint8 else "int8"
+    rounding = f" scales {scale_arg.args[1]}-exact" if is_round_scale(scale_arg) else ""
     return SiteRecord(
         path or owner_name, REWRITTEN, params=out_features * in_features, bytes_before=bytes_before,
         bytes_after=codes.numel() * codes.element_size() + folded_scale.numel() * folded_scale.element_size(),
-        detail=f"{out_features}x{in_features} int{bits} {grouping} {packing}")
+        detail=f"{out_features}x{in_features} int{bits} {grouping} {packing}{rounding}")
 
 
 def _free_name(owner: torch.nn.Module, name: str) -> str:

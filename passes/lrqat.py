@@ -4,6 +4,12 @@ Per site the pretrained weight W0 is replaced by Phi0 = phi(W0 / s0) (a frozen b
 parameters: A (out x r, zeros), B (r x in, Kaiming-uniform) and the scale s (starting at s0). With
 A = 0 the layer is exactly round-to-nearest (RTN) of W0 on the s0 grid (see qgraph.quant.downcast for
 the one caveat of the "fixed" and "bf16" formats), so training starts at RTN post-training quantization.
+
+scale_dtype="float16" (or "bfloat16") keeps the scales a narrower format can store, for targets that store
+them so (GGUF's Q4_0 keeps fp16 scales): s0 is rounded to it before Phi0 is formed (step 0 is then exactly
+RTN on the rounded grid), and `qgraph::round_scale` between s and lrqat_linear feeds the forward the rounded
+s with a straight-through gradient, while the fp32 parameter keeps its small updates. fold_lrqat folds the
+rounded scale, so the deployed scales are exact in that format and the deployed forward is the trained one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from passes.quantize_nf4 import default_selection_note, selected_sites
 from qgraph.errors import PassError
 from qgraph.graph import LinearSite, as_patterns
 from qgraph.ops.lrqat import phi0_from_weight
+from qgraph.ops.round_scale import round_scale_reference
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.quant.downcast import PHI_FORMATS
 from qgraph.quant.uniform import MAX_BITS, MIN_BITS, SCALE_INIT_METHODS, init_scale, resolve_group_size
@@ -29,6 +36,8 @@ PASS_NAME = "lrqat"
 # attribute name when that is not "weight", so two sites of one module never collide).
 PHI0, LORA_A, LORA_B, SCALE = "lrqat_phi0", "lrqat_a", "lrqat_b", "lrqat_scale"
 MAX_NAMES_PER_SHAPE = 3  # layers named per in_features in an error / note before "and N more"
+# scale_dtype values: float32 trains and folds the scale as it is; the others round it (qgraph::round_scale)
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class LRQATOptions:
     # B's Kaiming-uniform init draws from this seed, not the global RNG (which torch seeds at random
     # in every process): the same plan gives the same module
     seed: int = 0
+    # the format the forward (and the folded model) sees the scales in: "float16" keeps them fp16-exact, so
+    # that a GGUF file (fp16 scales) equals the trained model; the trained parameter itself stays float32
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -68,6 +80,9 @@ class LRQATOptions:
         _check_number("p", self.p, "a positive number (the norm of the lp range search; 4 in the paper)")
         _check_int("n_candidates", self.n_candidates, 1, "a positive integer (scales tried per group)")
         _check_int("seed", self.seed, 0, "a non-negative integer")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)} (float16 keeps the scales "
+                             f"fp16-exact, as GGUF stores them), got {self.scale_dtype!r}")
         for name in ("train_ab", "train_scale", "per_channel_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -77,6 +92,10 @@ class LRQATOptions:
     @property
     def lora_scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def rounds_scale(self) -> bool:
+        return self.scale_dtype != "float32"
 
 
 
@@ -172,6 +191,9 @@ def _rewrite(gm: fx.GraphModule, site: LinearSite, group_size: int, options: LRQ
     weight = site_weight(gm, site)
     bits, rank = options.bits, options.rank
     scale0 = init_scale(weight, bits, group_size, options.init, options.p, options.n_candidates)
+    if options.rounds_scale:
+        # Phi0 on the rounded grid: the forward (which sees round(s)) then starts at RTN of that grid
+        scale0 = _rounded_initial_scale(scale0, options.scale_dtype, site)
     phi0 = phi0_from_weight(weight, scale0, bits, group_size, options.phi_format)
     # A, B and s in the scale's dtype (at least float32): small, and trained in full precision.
     dtype, device = scale0.dtype, weight.device
@@ -183,12 +205,20 @@ def _rewrite(gm: fx.GraphModule, site: LinearSite, group_size: int, options: LRQ
     names = attribute_names(site)
     tensors = {names[PHI0]: phi0, names[LORA_A]: lora_a, names[LORA_B]: lora_b, names[SCALE]: scale}
 
+    rounded: list[fx.Node] = []
+
     def args(x: fx.Node, attrs: dict[str, fx.Node], bias: fx.Node | None) -> tuple:
-        return (x, attrs[names[PHI0]], attrs[names[LORA_A]], attrs[names[LORA_B]], attrs[names[SCALE]], bias,
+        scale_arg = attrs[names[SCALE]]
+        if options.rounds_scale:  # replace_site calls this where the new nodes go, before the old linear
+            scale_arg = gm.graph.call_function(torch.ops.qgraph.round_scale.default, (scale_arg, options.scale_dtype))
+            rounded.append(scale_arg)
+        return (x, attrs[names[PHI0]], attrs[names[LORA_A]], attrs[names[LORA_B]], scale_arg, bias,
                 bits, group_size, options.lora_scale, options.phi_format)
 
     bytes_before = weight.numel() * weight.element_size()
-    replace_site(gm, site, torch.ops.qgraph.lrqat_linear.default, tensors, args)
+    new = replace_site(gm, site, torch.ops.qgraph.lrqat_linear.default, tensors, args)
+    for node in rounded:  # in the layer's module (and so in its decoder block and checkpoint region)
+        node.meta.update({k: v for k, v in new.meta.items() if k in ("nn_module_stack", "stack_trace")})
     owner = site.weight_name.rpartition(".")[0]
     qualified = {key: f"{owner}.{name}" if owner else name for key, name in names.items()}
     trainable = ([qualified[LORA_A], qualified[LORA_B]] if options.train_ab else []) + (
@@ -198,11 +228,25 @@ def _rewrite(gm: fx.GraphModule, site: LinearSite, group_size: int, options: LRQ
     if fallback:
         grouping += f" (fallback: group_size={options.group_size} does not divide {site.in_features})"
     detail = f"{site.out_features}x{site.in_features} w{bits} {grouping} {options.phi_format} r{rank}"
+    if options.rounds_scale:
+        detail += f" scales {options.scale_dtype}"
     reason = (f"per-channel fallback: group_size={options.group_size} does not divide "
               f"in_features={site.in_features}") if fallback else ""
     record = SiteRecord(site.path, REWRITTEN, reason=reason, params=weight.numel(), bytes_before=bytes_before,
                         bytes_after=bytes_after, detail=detail)
     return record, trainable
+
+
+def _rounded_initial_scale(scale0: torch.Tensor, scale_dtype: str, site: LinearSite) -> torch.Tensor:
+    rounded = round_scale_reference(scale0, scale_dtype)
+    lost = ~torch.isfinite(rounded) | ((rounded == 0) & (scale0 != 0))
+    if lost.any():
+        raise PassError(
+            f"lrqat: scale_dtype={scale_dtype!r} cannot hold the initial scales of {site.path or site.weight_name} "
+            f"(largest {scale0.abs().max().item():g}, smallest nonzero "
+            f"{scale0[scale0 != 0].abs().min().item():g}): they round to inf or 0. Use scale_dtype='float32' "
+            "or exclude this layer")
+    return rounded
 
 
 PASS = PassSpec(PASS_NAME, lrqat, LRQATOptions,

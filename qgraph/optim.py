@@ -7,6 +7,7 @@ from torch import nn
 
 from qgraph.errors import QGraphError
 from qgraph.graph import flat_graph, get_attr_tensor
+from qgraph.ops.round_scale import scale_source
 
 # The paper (Bondarenko et al. 2024): AdamW, beta2 0.95, lr 1e-3 for A and B and 1e-5 for s, no weight decay.
 BETAS = (0.9, 0.95)
@@ -50,7 +51,7 @@ def _lrqat_parameters(gm: torch.fx.GraphModule) -> tuple[list[nn.Parameter], lis
         if node.op != "call_function" or node.target != torch.ops.qgraph.lrqat_linear.default:
             continue
         for index, bucket in ((2, ab), (3, ab), (4, scales)):
-            arg = node.args[index]
+            arg = scale_source(node.args[index])  # a scale may be read through qgraph::round_scale
             if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
                 tensor = get_attr_tensor(gm, arg.target)
                 if isinstance(tensor, nn.Parameter) and tensor.requires_grad:

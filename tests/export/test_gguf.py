@@ -150,6 +150,33 @@ def test_export_runs_in_transformers_gguf_reader_in_a_fresh_process(family, grou
     _assert_llama_like_layout(tmp_path / "m.gguf", module, family)
 
 
+def _trained_and_finalized(model, steps: int = 3, **options) -> qgraph.QGraphModule:
+    """`steps` AdamW steps of lrqat-w4 g32 (lr_s 1e-4: the scales move several fp16 steps), then finalized."""
+    qm = qgraph.transform(model, "lrqat-w4", group_size=32, **options)
+    optimizer = torch.optim.AdamW(qgraph.param_groups(qm, lr_ab=1e-2, lr_s=1e-4))
+    for step in range(steps):
+        ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(step))
+        qm(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return qgraph.finalize(qm)
+
+
+def test_fp16_scale_option_makes_the_gguf_file_the_trained_model_exactly(tmp_path):
+    # lrqat's scale_dtype="float16" trains with the scales GGUF stores: the file then is the trained model
+    model = tiny_causal_lm("llama", layers=2)
+    exact = _trained_and_finalized(model, scale_dtype="float16")
+    assert all(torch.equal(w.scale.half().float(), w.scale) for w in int4_weights(exact))
+    artifact, parity = _write_and_read_in_process(exact, tmp_path / "exact.gguf")
+    assert parity.max_abs_diff == 0.0, parity  # transformers' reader gives the finalized module's logits bitwise
+    assert "scales are exact" in " ".join(artifact.notes)
+
+    # the same training without the option: fp16 rounding at export moves the logits
+    artifact, parity = _write_and_read_in_process(_trained_and_finalized(model), tmp_path / "rounded.gguf")
+    assert parity.max_abs_diff > 0.0, parity
+    assert "moved by up to" in " ".join(artifact.notes)
+
+
 # --- more families and layouts: the same runner, in this process (a fresh process costs ~10 s each) ----------
 
 

@@ -47,9 +47,11 @@ class RTNLinear(nn.Module):
     """A round-to-nearest quantized linear in plain PyTorch: y = (x @ W_int^T) * s + bias, the per-channel
     scale applied after the matmul as integer kernels apply it."""
 
-    def __init__(self, weight, bias, bits):
+    def __init__(self, weight, bias, bits, scale_dtype=None):
         super().__init__()
         scale = init_scale(weight, bits, -1)
+        if scale_dtype is not None:  # the scale a narrower format stores (lrqat's scale_dtype option)
+            scale = scale.to(scale_dtype).float()
         self.register_buffer("codes", quantize_to_codes(weight, scale, bits, -1).float())
         self.register_buffer("scale", scale[:, 0])
         self.bias = bias
@@ -59,7 +61,7 @@ class RTNLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def rtn_reference(model, paths, bits=4):
+def rtn_reference(model, paths, bits=4, scale_dtype=None):
     """A copy of `model` with each linear at `paths` replaced by its RTN-quantized self (plain PyTorch)."""
     ref = copy.deepcopy(model)
     for path in paths:
@@ -67,7 +69,7 @@ def rtn_reference(model, paths, bits=4):
         transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
         w = module.weight.detach().t() if transposed else module.weight.detach()
         owner, _, name = path.rpartition(".")
-        setattr(ref.get_submodule(owner), name, RTNLinear(w.contiguous(), module.bias, bits))
+        setattr(ref.get_submodule(owner), name, RTNLinear(w.contiguous(), module.bias, bits, scale_dtype))
     return ref
 
 
@@ -261,6 +263,7 @@ def test_options_override_rank_and_group_size(llama):
     ({"p": -1.0}, "p must be a positive number"),
     ({"n_candidates": 0}, "n_candidates must be a positive integer"),
     ({"train_ab": "yes"}, "train_ab must be True or False"),
+    ({"scale_dtype": "fp16"}, "scale_dtype must be one of float32, float16, bfloat16"),
 ])
 def test_invalid_options_are_refused_with_the_valid_ones(options, match):
     with pytest.raises(ValueError, match=match):
@@ -328,3 +331,154 @@ def test_loss_decreases_with_adamw(family):
     assert losses[-1] < losses[0] - 0.1, losses
     assert all(p.grad is None or p.requires_grad for p in qm.parameters())
     assert all(not p.requires_grad for n, p in qm.named_parameters() if n.endswith(("wte.weight", "embed_tokens.weight")))
+
+
+# --- scale_dtype="float16": scales GGUF (fp16) stores exactly -----------------------------------------------
+
+ROUND_SCALE = torch.ops.qgraph.round_scale
+
+
+def is_fp16_exact(tensor):
+    return torch.equal(tensor.detach().half().float(), tensor.detach())
+
+
+def scale_parameters(qm):
+    return {n: p for n, p in qm.graph_module.named_parameters() if n.endswith(SCALE)}
+
+
+def train(qm, steps=3, lr_s=1e-4, seed=1):
+    """`steps` AdamW steps. lr_s 1e-4 (10x the paper's) moves a ~0.01 scale by ~1% over 3 steps: past a few
+    fp16 steps, so the rounded scales change, while each step alone moves the fp32 parameter off fp16's grid."""
+    optimizer = torch.optim.AdamW(qgraph.param_groups(qm, lr_ab=1e-2, lr_s=lr_s))
+    for step in range(steps):
+        x = tokens(seed + step, (2, 16))
+        qm(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return qm
+
+
+@pytest.fixture(scope="module")
+def llama_fp16_trained(llama):
+    return train(qgraph.transform(llama, "lrqat-w4", scale_dtype="float16", group_size=32))
+
+
+def test_scale_dtype_puts_round_scale_between_each_scale_and_its_layer(llama, llama_w4):
+    qm = qgraph.transform(llama, "lrqat-w4", scale_dtype="float16")
+    nodes = lrqat_nodes(qm)
+    assert len(nodes) == count_ops(qm.graph_module)[ROUND_SCALE] == 7 * LAYERS
+    for node in nodes:
+        rounding = node.args[4]
+        assert rounding.target == ROUND_SCALE.default and rounding.args[1] == "float16"
+        assert rounding.args[0].op == "get_attr" and rounding.args[0].target.endswith(SCALE)
+        assert rounding.meta["nn_module_stack"] == node.meta["nn_module_stack"]  # in the layer's block
+    # the optimizer groups still find the scales behind it (lr_s, not lr_ab)
+    by_name = {g["name"]: g for g in qgraph.param_groups(qm)}
+    assert {id(p) for p in by_name["lrqat_scale"]["params"]} == {id(p) for p in scale_parameters(qm).values()}
+    assert "other" not in by_name
+    assert qm.report["lrqat"].records[0].detail == "64x64 w4 per-channel fixed r32 scales float16"
+    assert count_ops(llama_w4.graph_module).get(ROUND_SCALE, 0) == 0  # the default adds none
+
+
+def test_bad_scale_dtype_is_refused_listing_the_valid_values(llama, snapshot):
+    before = snapshot(llama)
+    with pytest.raises(PlanError, match=r"pass 'lrqat': scale_dtype must be one of float32, float16, bfloat16 "
+                                        r".*got 'half'"):
+        qgraph.transform(llama, "lrqat-w4", scale_dtype="half")
+    before.assert_unchanged(llama)
+
+
+@pytest.mark.parametrize("plan", ["lrqat-w4", "rtn-w4"])
+def test_fp16_scales_step_zero_is_plain_pytorch_rtn_on_the_rounded_scale(llama, llama_rtn, plan):
+    x = tokens()
+    qm = qgraph.transform(llama, plan, scale_dtype="float16", phi_format="int-packed")
+    assert all(is_fp16_exact(s) for s in scale_parameters(qm).values())  # s0 itself was rounded
+    reference = rtn_reference(llama, [r.path for r in qm.report["lrqat"].rewritten], scale_dtype=torch.float16)
+    out = logits(qm, x)
+    with torch.no_grad():
+        assert torch.equal(out, reference(input_ids=x).logits)
+    assert not torch.equal(out, logits(llama_rtn, x))  # the rounding changed the model (else this proves nothing)
+
+
+def test_fp16_scales_train_in_fp32_and_fold_to_the_trained_forward_exactly(llama, llama_fp16_trained):
+    qm = llama_fp16_trained
+    masters = scale_parameters(qm)
+    # the fp32 parameters kept updates smaller than an fp16 step...
+    assert not any(is_fp16_exact(s) for s in masters.values())
+    # ...and the rounded scales the forward sees moved on fp16's grid during training
+    initial = scale_parameters(qgraph.transform(llama, "lrqat-w4", scale_dtype="float16", group_size=32))
+    moved = sum(int((s.detach().half() != initial[n].detach().half()).sum()) for n, s in masters.items())
+    assert moved > 0.5 * sum(s.numel() for s in masters.values())
+
+    deployed = qgraph.finalize(qm)
+    assert count_ops(deployed.graph_module).get(ROUND_SCALE, 0) == 0
+    x = tokens(7, (3, 10))
+    assert torch.equal(logits(deployed, x), logits(qm, x))
+    folded = {n: b for n, b in deployed.graph_module.named_buffers() if n.endswith("int4_scale")}
+    assert len(folded) == 7 * LAYERS and all(is_fp16_exact(s) for s in folded.values())
+    # the folded scale is the rounded parameter, not the parameter
+    name = "model.layers.0.self_attn.q_proj."
+    assert torch.equal(folded[name + "int4_scale"], masters[name + SCALE].detach().half().float())
+    assert deployed.report["fold_lrqat"].records[0].detail.endswith("scales float16-exact")
+
+
+def test_without_the_option_trained_scales_are_not_fp16_exact(llama):
+    deployed = qgraph.finalize(train(qgraph.transform(llama, "lrqat-w4", group_size=32), steps=1))
+    folded = [b for n, b in deployed.graph_module.named_buffers() if n.endswith("int4_scale")]
+    assert not any(is_fp16_exact(s) for s in folded)  # what the option is for
+
+
+@pytest.mark.parametrize("checkpoint", [None, "none"])
+def test_fp16_scale_gradient_is_the_unrounded_layers_at_the_rounded_scale(llama, llama_fp16_trained, checkpoint):
+    # straight through: d loss / d s of the rounding module equals the float32 module's gradient taken
+    # with its scales set to the rounded values (same Phi0, A, B)
+    rounding = qgraph.transform(llama, "lrqat-w4", scale_dtype="float16", group_size=32, checkpoint=checkpoint)
+    rounding.load_state_dict(llama_fp16_trained.state_dict())
+    plain = qgraph.transform(llama, "lrqat-w4", group_size=32, checkpoint=checkpoint)
+    plain.load_state_dict(llama_fp16_trained.state_dict())
+    with torch.no_grad():
+        for s in scale_parameters(plain).values():
+            s.copy_(s.half().float())
+    x = tokens(3, (2, 16))
+    grads = {}
+    for name, qm in (("rounding", rounding), ("plain", plain)):
+        loss = qm(input_ids=x, labels=x).loss
+        grads[name] = dict(zip(scale_parameters(qm), torch.autograd.grad(loss, list(scale_parameters(qm).values())),
+                               strict=True))
+    assert grads["rounding"].keys() == grads["plain"].keys()
+    for key, grad in grads["rounding"].items():
+        assert torch.equal(grad, grads["plain"][key]), key
+    assert any(g.abs().sum() > 0 for g in grads["rounding"].values())
+
+
+def test_fp16_scales_save_nothing_more_for_backward():
+    one_layer = tiny_causal_lm("llama", layers=1, hidden=HIDDEN)
+
+    def saved_shapes(qm):
+        shapes = []
+        x = tokens(4, (2, 16))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            qm(input_ids=x, labels=x).loss.backward()
+        return sorted(shapes)
+
+    for checkpoint in (None, "none"):
+        rounding = saved_shapes(qgraph.transform(one_layer, "lrqat-w4", scale_dtype="float16", checkpoint=checkpoint))
+        assert rounding == saved_shapes(qgraph.transform(one_layer, "lrqat-w4", checkpoint=checkpoint))
+
+
+def test_fp16_scales_survive_save_and_load_pretrained(llama, llama_fp16_trained, tmp_path):
+    llama_fp16_trained.save_pretrained(tmp_path / "adapters")
+    loaded = qgraph.from_pretrained(llama, tmp_path / "adapters")
+    assert count_ops(loaded.graph_module)[ROUND_SCALE] == 7 * LAYERS
+    x = tokens(5)
+    assert torch.equal(logits(loaded, x), logits(llama_fp16_trained, x))
+
+
+def test_scales_fp16_cannot_hold_are_refused_naming_the_layer():
+    model = tiny_causal_lm("llama", layers=1, hidden=HIDDEN)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e7)  # scales ~1e5: past fp16's largest, 65504
+    with pytest.raises(PassError, match=r"scale_dtype='float16' cannot hold the initial scales of "
+                                        r"model\.layers\.0\.mlp\.up_proj .*round to inf or 0"):
+        qgraph.transform(model, "lrqat-w4", scale_dtype="float16")
+    assert qgraph.transform(model, "lrqat-w4", scale_dtype="bfloat16")  # bf16 has float32's range
