@@ -5,10 +5,11 @@ from __future__ import annotations
 from qgraph.errors import PlanError, unknown_name_message
 from qgraph.pipeline import PassSpec
 
-from passes import attach_side_taps, chunk_lm_loss, fold_lrqat, insert_checkpoints, lrqat, quantize_nf4
+from passes import (attach_side_taps, chunk_lm_loss, fake_quant_activations, fold_lrqat, insert_checkpoints, lrqat,
+                    quantize_nf4)
 
-ALL_PASSES: list[PassSpec] = [quantize_nf4.PASS, lrqat.PASS, fold_lrqat.PASS, attach_side_taps.PASS,
-                                chunk_lm_loss.PASS, insert_checkpoints.PASS]
+ALL_PASSES: list[PassSpec] = [quantize_nf4.PASS, lrqat.PASS, fake_quant_activations.PASS, fold_lrqat.PASS,
+                                attach_side_taps.PASS, chunk_lm_loss.PASS, insert_checkpoints.PASS]
 
 
 def get_pass(name: str) -> PassSpec:

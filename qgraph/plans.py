@@ -61,6 +61,15 @@ PLANS: dict[str, Plan] = {
         Plan("lrqat-w3g128", "LR-QAT, 3-bit weights, one scale per 128 input columns (Q3.5 Phi0, rank 32); "
              "trains A, B and the scales",
              (PassConfig("lrqat", {"bits": 3, "group_size": 128}), *TRAINING_TAIL)),
+        # 8da4w, the pattern ExecuTorch's XNNPACK runs as a 4-bit GEMM: int4 weights one scale per 32 input
+        # columns (torchao's QAT recipe for int4 weights, IntxFakeQuantizeConfig(torch.int4, group_size=32); its
+        # older Int8DynActInt4WeightQATQuantizer's 256, like 128, does not divide SmolLM2's width 576), and int8
+        # per-token activations
+        Plan("lrqat-w4a8", "LR-QAT, 4-bit weights one scale per 32 input columns (Q4.4 Phi0, rank 32), and each "
+             "decoder linear's input fake-quantized to int8 per token (asymmetric, the runtime's exact math): "
+             "trains A, B and the scales for ExecuTorch's 8da4w (.pte)",
+             (PassConfig("lrqat", {"bits": 4, "group_size": 32}), PassConfig("fake_quant_activations"),
+              *TRAINING_TAIL)),
         Plan("rtn-w4", "round-to-nearest 4-bit PTQ baseline, per output channel, lp range init: the lrqat_linear "
              "of lrqat-w4 with nothing trained (A = 0, rank 1) and the codes stored int-packed, so exactly RTN",
              (PassConfig("lrqat", {"bits": 4, "rank": 1, "phi_format": "int-packed",

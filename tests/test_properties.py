@@ -78,6 +78,8 @@ def test_transform_works_or_says_why(model, plan, seq, padding, seed):
     assert torch.isfinite(logits).all(), (description, plan)
     real = seq - padding
     alone = _logits(qm, ids[1:, :real], mask[1:, :real])
-    torch.testing.assert_close(logits[1:, :real], alone, atol=1e-4, rtol=1e-4, msg=f"{description} {plan}")
+    # int8 activations (lrqat-w4a8): padding may move one rounding step of a real token's per-token scale
+    tolerance = 1e-3 if plan.endswith("a8") else 1e-4
+    torch.testing.assert_close(logits[1:, :real], alone, atol=tolerance, rtol=tolerance, msg=f"{description} {plan}")
     finalized = qgraph.finalize(qm)
     assert torch.equal(_logits(finalized, ids, mask), logits), (description, plan)

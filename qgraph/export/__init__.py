@@ -69,8 +69,9 @@ def get_target(name: str) -> ExportTarget:
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("qgraph"):
             raise ExportError(f"the {name} target is not part of this qgraph build") from exc
+        extra = "executorch" if name == "executorch" else "export"
         raise ExportError(f"the {name} target needs the package {exc.name!r}, which is not installed; "
-                          "install qgraph's export extra: pip install -e '.[export]'") from exc
+                          f"install qgraph's {extra} extra: pip install -e '.[{extra}]'") from exc
     return module.TARGET
 
 

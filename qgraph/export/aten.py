@@ -22,6 +22,7 @@ from torch import Tensor, fx
 
 from qgraph.errors import ExportError
 from qgraph.export.program import LogitsProgram
+from qgraph.ops.act_quant import fake_quant_per_token_reference
 from qgraph.module import QGraphModule
 
 INT4_LINEAR = torch.ops.qgraph.int4_linear.default
@@ -83,6 +84,8 @@ def nf4_linear_aten(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nes
 
 # qgraph op -> (its aten decomposition, what the report says it became)
 DECOMPOSITIONS: dict[torch._ops.OpOverload, tuple[Callable[..., Tensor], str]] = {
+    torch.ops.qgraph.fake_quant_act_int8_per_token.default: (
+        fake_quant_per_token_reference, "aten: per-token int8 asymmetric quantize + dequantize (lrqat-w4a8)"),
     INT4_LINEAR: (int4_linear_aten, "aten: bitwise unpack + mul + linear (codes stay uint8)"),
     NF4_LINEAR: (nf4_linear_aten, "aten: nibble unpack + 16-level table lookup + absmax mul + linear "
                                   "(codes stay uint8, absmax stays double-quantized)"),
