@@ -126,7 +126,7 @@ def export(module: QGraphModule, path: str | os.PathLike, *, format: str | None 
 def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str | None = None,
                   example_inputs: Any = None, console: Console | None = None, **options: Any) -> ExportReport:
     """`export`, returning its report."""
-    path = Path(path)
+    path = Path(path).absolute()  # the runtime check runs in another working directory
     check_exportable(module)
     target = resolve_target(path, format)
     target_opts = target_options(target, options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 import qgraph
 from qgraph.export.check import check_cases, compare, run_in_runtime
@@ -90,3 +91,10 @@ def test_the_runner_runs_in_a_fresh_process_without_qgraph(tmp_path):
     allowed = _write_runner(tmp_path / "uses_qgraph_allowed.py", (
         "import qgraph\nserve(lambda p, e: None, lambda s, ids, mask: np.zeros((*ids.shape, 2)))\n"))
     assert run_in_runtime(allowed, tmp_path / "artifact", cases, allow_qgraph=True).logits[1].shape == (1, 7, 2)
+
+
+def test_a_relative_path_is_written_and_checked(lrqat_module, tmp_path, monkeypatch):
+    # the runtime check runs in a scratch working directory: a relative path must still reach the runner
+    monkeypatch.chdir(tmp_path)
+    written = qgraph.export(lrqat_module, "out/model.pt2", console=Console(quiet=True))
+    assert written == tmp_path / "out" / "model.pt2" and written.is_file()
