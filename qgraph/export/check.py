@@ -125,7 +125,7 @@ def run_in_runtime(runner: Path, artifact: Path, cases: list[CheckCase], *, extr
             arrays[f"attention_mask_{i}"] = case.attention_mask.numpy()
         np.savez(inputs, **arrays)
         bootstrap = _BOOTSTRAP.format(block=not allow_qgraph, runners=str(runner.parent))
-        command = [sys.executable, "-c", bootstrap, str(runner), str(artifact), str(inputs), str(outputs),
+        command = [sys.executable, "-c", bootstrap, str(runner), str(artifact.absolute()), str(inputs), str(outputs),
                    *extra_args]
         # run from the scratch directory: the repository's own packages are not on the runner's path
         done = subprocess.run(command, cwd=scratch, capture_output=True, text=True, timeout=timeout,
