@@ -25,7 +25,6 @@ from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import ExportError, PlanError
 from qgraph.evaluate import perplexity
 from qgraph.export.check import load_runner
-from qgraph.export.options import target_tokenizer
 from qgraph.generate import generate
 from qgraph.models import load_smollm2
 from qgraph.plans import get_plan, resolve_steps
@@ -92,7 +91,7 @@ def _exported_rows(deployable: qgraph.QGraphModule, out_dir: Path, formats: tupl
         try:
             with console.status(f"exporting to {format} and checking it in its runtime"):
                 report = qgraph.export.export_report(deployable, path, format=format, console=console,
-                                                     **target_tokenizer(format, tokenizer))
+                                                     **qgraph.export.tokenizer_options(format, tokenizer))
         except ExportError as exc:
             console.print(f"[yellow]{format}: {exc}[/]")
             rows.append(Row(f"{format}: not exported (the reason is printed above)", None))

@@ -12,7 +12,6 @@ from rich.console import Console
 import qgraph
 from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import PlanError
-from qgraph.export.options import target_tokenizer
 from qgraph.export.report import ExportReport
 from qgraph.models import byte_tokenizer, resolve_model
 from qgraph.plans import get_plan, resolve_steps
@@ -59,5 +58,5 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
         path = out_dir / f"{name}-{qm.plan.name}{'-aoti' if format == 'aoti' else ''}{suffix}"
         with console.status(f"exporting to {format} and running it in its runtime"):
             reports.append(qgraph.export.export_report(qm, path, format=format, console=console,
-                                                       **target_tokenizer(format, tokenizer)))
+                                                       **qgraph.export.tokenizer_options(format, tokenizer)))
     return reports

@@ -6,7 +6,12 @@ next-token latency, next to the PyTorch finalized module and the fp32 model meas
 The artifacts take no KV cache yet: a next token is a forward over the prompt plus one token, so it is
 reported as such (prompt + 1), not as a cached decode step.
 
-    python tools/bench_export.py [--plan lrqat-w4] [--targets pt2 aoti onnx gguf executorch] [--repeats 5]
+    python tools/bench_export.py [--plan lrqat-w4] [--targets pt2 aoti onnx gguf gguf:llama.cpp] [--repeats 5]
+    python tools/bench_export.py --plan lrqat-w4a8 --targets executorch
+
+A target is a name or name:runtime for a target with a runtime option (gguf:llama.cpp checks and times the
+GGUF file in llama.cpp instead of transformers' GGUF reader; the default adds it when llama-cpp-python is
+installed). Each artifact is timed with the runner, arguments and qgraph visibility its export check used.
 
 Writes out/bench_export/results.json and results.md; prints the table.
 """
@@ -14,6 +19,7 @@ Writes out/bench_export/results.json and results.md; prints the table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -43,6 +49,7 @@ class Row:
     prefill_ms: float | None = None
     next_token_ms: float | None = None
     max_abs_diff: float | None = None
+    top1_agreement: float | None = None
     note: str = ""
 
 
@@ -75,42 +82,59 @@ def medians_ms(seconds: list[float], repeats: int) -> tuple[float, float]:
     return 1e3 * statistics.median(prefill[trim:]), 1e3 * statistics.median(next_token[trim:])
 
 
-def bench_target(finalized: qgraph.QGraphModule, target_name: str, out_dir: Path, cases: list[CheckCase],
-                 repeats: int, console: Console) -> Row:
-    target = qgraph.export.get_target(target_name)
-    path = out_dir / f"smollm2-{finalized.plan.name.removesuffix('+finalize')}-{target_name}{target.suffixes[0]}"
+def default_targets() -> list[str]:
+    llama_cpp = ["gguf:llama.cpp"] if importlib.util.find_spec("llama_cpp") is not None else []
+    return [*qgraph.export.targets(), *llama_cpp]
+
+
+def bench_target(finalized: qgraph.QGraphModule, spec: str, out_dir: Path, cases: list[CheckCase], repeats: int,
+                 tokenizer, console: Console) -> Row:
+    name, _, runtime = spec.partition(":")
+    target = qgraph.export.get_target(name)
+    options = {"runtime": runtime} if runtime else {}
+    if "max_seq_len" in target.option_names():  # a target with a length bound (ExecuTorch) must take the cases
+        options["max_seq_len"] = PREFILL + 1
+    stem = f"smollm2-{finalized.plan.name.removesuffix('+finalize')}-{spec.replace(':', '-').replace('.', '')}"
     try:
-        report = qgraph.export.export_report(finalized, path, format=target_name, console=console)
+        report = qgraph.export.export_report(finalized, out_dir / f"{stem}{target.suffixes[0]}", format=name,
+                                             console=console, **options,
+                                             **qgraph.export.tokenizer_options(name, tokenizer))
     except ExportError as exc:
-        return Row(target_name, note=str(exc).splitlines()[0][:160])
-    result = run_in_runtime(target.runner_path, path, cases, allow_qgraph=target.needs_qgraph(target.options_type()))
+        return Row(spec, note=str(exc).splitlines()[0][:160])
+    check = report.runtime
+    result = run_in_runtime(check.runner, report.path, cases, extra_args=list(check.runner_args),
+                            allow_qgraph=check.allow_qgraph)
     prefill, next_token = medians_ms(result.run_seconds, repeats)
-    return Row(target_name, report.file_bytes, report.export_seconds, result.load_seconds, prefill, next_token,
-               report.parity.max_abs_diff, "; ".join(report.notes)[:160])
+    return Row(spec, report.file_bytes, report.export_seconds, result.load_seconds, prefill, next_token,
+               report.parity.max_abs_diff, report.parity.top1_agreement, "; ".join(report.notes)[:160])
 
 
 def table(rows: list[Row]) -> Table:
     out = Table(title=f"SmolLM2-135M artifacts (prefill 1x{PREFILL}; next token = 1x{PREFILL + 1}, no KV cache)")
     for column in ("artifact", "file", "export (s)", "load (s)", "prefill (ms)", "next token (ms)", "vs finalized",
-                   "max |logits diff|", "note"):
+                   "max |logits diff|", "top-1", "note"):
         out.add_column(column)
     baseline = next(r.prefill_ms for r in rows if r.name == "pytorch finalized")
     for r in rows:
         out.add_row(r.name, format_bytes(r.file_bytes) if r.file_bytes else "-", _num(r.export_seconds, ".1f"),
                     _num(r.load_seconds, ".2f"), _num(r.prefill_ms, ".0f"), _num(r.next_token_ms, ".0f"),
                     f"{baseline / r.prefill_ms:.2f}x faster" if r.prefill_ms else "-",
-                    _num(r.max_abs_diff, ".1e"), r.note)
+                    _num(r.max_abs_diff, ".1e"), _percent(r.top1_agreement), r.note)
     return out
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| artifact | file | export (s) | load (s) | prefill 1x128 (ms) | next token (ms) | max abs logits diff |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| artifact | file | export (s) | load (s) | prefill 1x128 (ms) | next token (ms) | max abs logits diff | top-1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.name} | {format_bytes(r.file_bytes) if r.file_bytes else '-'} | {_num(r.export_seconds, '.1f')} "
                      f"| {_num(r.load_seconds, '.2f')} | {_num(r.prefill_ms, '.0f')} | {_num(r.next_token_ms, '.0f')} "
-                     f"| {_num(r.max_abs_diff, '.1e')} |")
+                     f"| {_num(r.max_abs_diff, '.1e')} | {_percent(r.top1_agreement)} |")
     return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -120,14 +144,14 @@ def _num(value: float | None, spec: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default="lrqat-w4")
-    parser.add_argument("--targets", nargs="+", default=qgraph.export.targets())
+    parser.add_argument("--targets", nargs="+", default=default_targets())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("out/bench_export"))
     args = parser.parse_args()
     console = Console(width=200)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model, _ = load_smollm2()
+    model, tokenizer = load_smollm2()
     finalized = qgraph.finalize(qgraph.transform(model, args.plan))
     cases = latency_cases(int(model.config.vocab_size), args.repeats)
     fp32_ms = in_process_latency(lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False),
@@ -137,7 +161,7 @@ def main() -> None:
                 next_token_ms=fp32_ms[1], note="in this process"),
             Row("pytorch finalized", prefill_ms=fin_ms[0], next_token_ms=fin_ms[1], note="in this process (qgraph ops)")]
     for name in track(args.targets, description="exporting", console=console):
-        rows.append(bench_target(finalized, name, args.out, cases, args.repeats, console))
+        rows.append(bench_target(finalized, name, args.out, cases, args.repeats, tokenizer, console))
     console.print(table(rows))
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
     (args.out / "results.md").write_text(markdown(rows))

@@ -30,7 +30,7 @@ from qgraph.errors import ExportError, unknown_name_message
 from qgraph.export.check import CheckCase, check_cases, compare, reference_logits, run_in_runtime
 from qgraph.export.program import check_exportable, deployable, fp32_bytes
 from qgraph.export.report import ExportReport
-from qgraph.export.target import RUNNERS_DIR, Artifact, ExportTarget
+from qgraph.export.target import Artifact, ExportTarget
 from qgraph.module import QGraphModule
 
 # target name -> the module of this package that defines its TARGET; imported on use, since each pulls in
@@ -97,6 +97,12 @@ def target_options(target: ExportTarget, options: dict[str, Any]) -> Any:
         raise ExportError(f"{target.name} target: {exc}") from exc
 
 
+def tokenizer_options(format: str, tokenizer: Any) -> dict[str, Any]:
+    """{"tokenizer": tokenizer} for a target whose file carries the tokenizer, else nothing: what a caller that
+    holds a tokenizer (the demo, the CLI) passes to export for any format."""
+    return {"tokenizer": tokenizer} if tokenizer is not None and get_target(format).takes_tokenizer else {}
+
+
 def fitting_targets(module: QGraphModule) -> list[str]:
     """The targets (installed ones) that can express this finalized module with their default options."""
     fits = []
@@ -148,14 +154,11 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
         staged = Path(scratch) / path.name
         artifact = target.write(ExportJob(finalized, staged, target_opts, example))
         export_seconds = time.perf_counter() - start
-        runner = target.runner_path if artifact.runner is None else RUNNERS_DIR / artifact.runner
-        tolerance = target.tolerance if artifact.tolerance is None else artifact.tolerance
-        relative_tolerance = (target.relative_tolerance if artifact.relative_tolerance is None
-                              else artifact.relative_tolerance)
-        result = run_in_runtime(runner, staged, cases, extra_args=artifact.runner_args,
-                                allow_qgraph=target.needs_qgraph(target_opts))
+        runtime = target.runtime_check(artifact, target_opts)
+        result = run_in_runtime(runtime.runner, staged, cases, extra_args=list(runtime.runner_args),
+                                allow_qgraph=runtime.allow_qgraph)
         parity = compare(expected, result.logits, cases)
-        allowed = parity.allowed(tolerance, relative_tolerance)
+        allowed = parity.allowed(runtime.tolerance, runtime.relative_tolerance)
         if parity.max_abs_diff > allowed:
             raise ExportError(
                 f"{target.name}: the runtime's logits differ from the PyTorch module's by up to "
@@ -167,7 +170,7 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
             os.replace(file, path.parent / file.name)
     report = ExportReport(target.name, path, finalized.plan.name, file_bytes, fp32_bytes(finalized),
                           artifact.op_mapping, parity, allowed, export_seconds, result.load_seconds,
-                          result.run_seconds, [*notes, *artifact.notes])
+                          result.run_seconds, runtime, [*notes, *artifact.notes])
     (console or Console()).print(report)
     return report
 
@@ -194,4 +197,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["Artifact", "ExportJob", "ExportReport", "ExportTarget", "export", "export_report", "get_target",
-           "targets"]
+           "targets", "tokenizer_options"]

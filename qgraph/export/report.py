@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qgraph.export.check import Parity
+from qgraph.export.target import RuntimeCheck
 from qgraph.report import format_bytes
 
 
@@ -27,6 +28,7 @@ class ExportReport:
     export_seconds: float
     load_seconds: float
     run_seconds: list[float]
+    runtime: RuntimeCheck  # how the artifact was run: a benchmark reruns it the same way
     notes: list[str] = field(default_factory=list)
 
     def __rich__(self) -> Group:

@@ -60,6 +60,8 @@ class ExportTarget:
     needs_qgraph: Callable[[Any], bool] = lambda options: False
     # relative tolerance against the logits' range, for runtimes that round activations (llama.cpp)
     relative_tolerance: float = 0.0
+    # the file carries the model's tokenizer (GGUF: tokenizer.ggml.*): export takes tokenizer=
+    takes_tokenizer: bool = False
 
     def option_names(self) -> list[str]:
         return [f.name for f in fields(self.options_type)]
@@ -67,3 +69,26 @@ class ExportTarget:
     @property
     def runner_path(self) -> Path:
         return RUNNERS_DIR / self.runner
+
+    def runtime_check(self, artifact: Artifact, options: Any) -> RuntimeCheck:
+        """How `artifact` is run and judged: the artifact's own choices where it made them, else the target's."""
+        return RuntimeCheck(
+            runner=RUNNERS_DIR / (artifact.runner or self.runner),
+            runner_args=tuple(artifact.runner_args),
+            tolerance=self.tolerance if artifact.tolerance is None else artifact.tolerance,
+            relative_tolerance=(self.relative_tolerance if artifact.relative_tolerance is None
+                                else artifact.relative_tolerance),
+            allow_qgraph=self.needs_qgraph(options),
+        )
+
+
+@dataclass(frozen=True)
+class RuntimeCheck:
+    """How an artifact was run in its runtime (runner script, its arguments, qgraph importable or not) and the
+    logits difference accepted: what a benchmark needs to run the same artifact the same way again."""
+
+    runner: Path
+    runner_args: tuple[str, ...]
+    tolerance: float
+    relative_tolerance: float
+    allow_qgraph: bool

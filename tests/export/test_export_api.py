@@ -98,3 +98,20 @@ def test_a_relative_path_is_written_and_checked(lrqat_module, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     written = qgraph.export(lrqat_module, "out/model.pt2", console=Console(quiet=True))
     assert written == tmp_path / "out" / "model.pt2" and written.is_file()
+
+
+def test_the_report_says_how_the_runtime_ran_the_artifact(lrqat_module, tmp_path):
+    # what a benchmark reads to run the same artifact the same way again
+    report = qgraph.export.export_report(lrqat_module, tmp_path / "m.pt2", console=Console(quiet=True))
+    target = qgraph.export.get_target("pt2")
+    assert report.runtime.runner == target.runner_path and report.runtime.runner_args == ()
+    assert report.runtime.tolerance == target.tolerance and not report.runtime.allow_qgraph
+    keep_ops = qgraph.export.export_report(lrqat_module, tmp_path / "k.pt2", keep_ops=True, console=Console(quiet=True))
+    assert keep_ops.runtime.allow_qgraph  # the fused ops load only with qgraph imported
+
+
+def test_only_targets_whose_files_carry_a_tokenizer_take_one():
+    tokenizer = object()
+    assert qgraph.export.tokenizer_options("gguf", tokenizer) == {"tokenizer": tokenizer}
+    assert qgraph.export.tokenizer_options("onnx", tokenizer) == {}
+    assert qgraph.export.tokenizer_options("gguf", None) == {}

@@ -246,7 +246,9 @@ def test_embeddings_option_sets_the_embedding_and_head_types(llama_g32, embeddin
 def test_tolerance_follows_what_fp16_rounding_allows():
     assert check_tolerances(0.0, 30, "transformers") == (1e-4, 0.0)
     assert check_tolerances(2.0**-11, 2, "transformers") == (1e-4, 4 * 2.0**-11)
-    assert check_tolerances(0.0, 2, "llama.cpp")[1] > 0.01  # llama.cpp rounds activations to 8 bits
+    # llama.cpp rounds activations to 8 bits in every layer: the tolerance grows with depth
+    assert check_tolerances(0.0, 2, "llama.cpp") == (0.0, 0.01)
+    assert check_tolerances(0.0, 30, "llama.cpp") == (0.0, 0.15)
 
 
 def _byte_level_bpe_with_merges():
@@ -332,8 +334,11 @@ def test_the_llama_cpp_runtime_without_llama_cpp_names_the_install_script(llama_
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (tools/install_llama_cpp.sh "
                                               "compiles it, ~9 min on 2 cores)")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_llama_cpp_runs_the_file_with_the_same_top1_tokens(family, tmp_path):
+def test_llama_cpp_runs_the_file_with_the_pytorch_logits(family, tmp_path):
     module = _finalized(family, 32)
     report = qgraph.export.export_report(module, tmp_path / "m.gguf", runtime="llama.cpp", console=QUIET)
-    assert report.parity.top1_agreement == 1.0
-    assert report.parity.max_abs_diff <= 0.05 * report.parity.logits_range
+    # A random-init tiny model's logits are nearly flat (a range of ~1.2 over 256 tokens): llama.cpp's 8-bit
+    # activations move them by up to ~0.5% of that range, enough to swap a near-tie now and then. On
+    # SmolLM2-135M every top-1 token agrees (tools/bench_export.py, README).
+    assert report.parity.top1_agreement >= 0.9
+    assert report.parity.max_abs_diff <= 0.01 * report.parity.logits_range

@@ -4,6 +4,11 @@ Each row is evaluated alone on its real (unpadded, right-padded) tokens with eve
 (logits_all) and an f32 KV cache, so the only rounding left is llama.cpp's own: it quantizes activations to
 8 bits before its Q4_0 matmuls, a few % of the logits' range. Padded positions are left at zero (the
 check reads only real positions).
+
+The model loads without llama.cpp's extra CPU buffer types (`use_extra_bufts=False`): those repack the
+weights for AMX / AVX-512 kernels, and llama.cpp 0.3.x's AMX matmul (`ggml_backend_amx_mul_mat`) segfaults
+on the first decode on CPUs that report AMX inside a VM (seen on this project's CI machines). The plain
+kernels compute the same Q4_0 dot products, a little slower.
 """
 
 from __future__ import annotations
@@ -17,9 +22,24 @@ GGML_TYPE_F32 = 0  # ggml's type id for float32 (KV cache type_k / type_v)
 CONTEXT = 512  # tokens: the check batches are far shorter
 
 
+def _without_extra_buffer_types() -> None:
+    # Llama builds its model parameters from the low-level module's defaults and offers no argument for the field.
+    import llama_cpp.llama_cpp as low_level
+
+    defaults = low_level.llama_model_default_params
+
+    def params():
+        chosen = defaults()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    low_level.llama_model_default_params = params
+
+
 def load(path: str, extra: list[str]):
     from llama_cpp import Llama
 
+    _without_extra_buffer_types()
     return Llama(model_path=path, n_ctx=CONTEXT, n_batch=CONTEXT, logits_all=True, type_k=GGML_TYPE_F32,
                  type_v=GGML_TYPE_F32, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
 
