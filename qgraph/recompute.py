@@ -35,13 +35,18 @@ ATTENTION_OPS = frozenset({
 })
 ATEN_LINEAR_OPS = frozenset({aten.mm.default, aten.addmm.default})
 QGRAPH_NAMESPACE = "qgraph"
+LINEAR_OP_SUFFIX = "_linear"  # qgraph::nf4_linear, lrqat_linear, int4_linear
 
 
 def is_linear_op(func: Any) -> bool:
-    """Whether a dispatched op is how some linear site runs: a qgraph op, or the mm/addmm of aten.linear."""
+    """Whether a dispatched op is how some linear site runs: a qgraph linear op, or the mm/addmm of aten.linear.
+
+    Only qgraph's *_linear ops count: the others (an activation fake quant, a scale rounding) run beside a
+    linear, and counting them would shift the ordinals save_linears names."""
     if func in ATEN_LINEAR_OPS:
         return True
-    return isinstance(func, torch._ops.OpOverload) and func.namespace == QGRAPH_NAMESPACE
+    return (isinstance(func, torch._ops.OpOverload) and func.namespace == QGRAPH_NAMESPACE
+            and func._opname.endswith(LINEAR_OP_SUFFIX))
 
 
 def selective_contexts(save_attention: bool, save_linears: tuple[int, ...]):

@@ -327,3 +327,16 @@ def test_qst_side_blocks_are_what_checkpoint_blocks_means_in_qst():
     assert torch.equal(loss, want_loss)
     for name, grad in got.items():
         assert torch.equal(grad, want[name]), name
+
+
+def test_only_linear_ops_count_towards_the_saved_linear_ordinals():
+    # an activation fake quant (lrqat-w4a8) or a scale rounding sits beside a linear: counted, it would shift
+    # which linear save_linears keeps
+    from qgraph.recompute import is_linear_op
+
+    q, aten = torch.ops.qgraph, torch.ops.aten
+    linears = (q.nf4_linear.default, q.lrqat_linear.default, q.int4_linear.default, aten.mm.default,
+               aten.addmm.default)
+    beside = (q.fake_quant_act_int8_per_token.default, q.round_scale.default, aten.add.Tensor)
+    assert all(is_linear_op(op) for op in linears)
+    assert not any(is_linear_op(op) for op in beside)
