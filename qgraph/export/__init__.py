@@ -163,7 +163,8 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
             raise ExportError(
                 f"{target.name}: the runtime's logits differ from the PyTorch module's by up to "
                 f"{parity.max_abs_diff:.3g} (tolerance {allowed:.3g}; logits range {parity.logits_range:.3g}, "
-                f"top-1 agreement {parity.top1_agreement:.1%}); nothing was written")
+                f"top-1 agreement {parity.top1_agreement:.1%}); nothing was written"
+                + "".join(f"\n  {note}" for note in artifact.notes))
         files = [staged, *artifact.extra_files]
         file_bytes = sum(f.stat().st_size for f in files)
         for file in files:  # into place only now that the runtime has run it

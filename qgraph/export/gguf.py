@@ -39,6 +39,7 @@ from qgraph.export.gguf_vocab import vocabulary_problem, write_vocabulary
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.graph import get_attr_tensor
 from qgraph.module import QGraphModule
+from qgraph.ops.round_scale import rounding_deviation
 from qgraph.quant.downcast import PACKED_MAX_BITS, unpack_codes
 
 INT4_LINEAR = torch.ops.qgraph.int4_linear.default
@@ -250,14 +251,6 @@ def q4_0_blocks(codes: Tensor, scale: Tensor) -> np.ndarray:
     return torch.cat([d, nibbles], dim=-1).reshape(rows, n_blocks * (2 + half)).numpy()
 
 
-def fp16_scale_deviation(scale: Tensor) -> float:
-    """max |fp16(s) - s| / |s|: how far GGUF's fp16 scales are from the trained fp32 ones (0: exact)."""
-    nonzero = scale[scale != 0].float()
-    if not nonzero.numel():
-        return 0.0
-    return float(((nonzero.half().float() - nonzero).abs() / nonzero.abs()).max())
-
-
 # --- the file ---------------------------------------------------------------------------------------------------
 
 
@@ -307,7 +300,7 @@ def gguf_contents(module: QGraphModule, options: GGUFOptions) -> _Contents:
         name = gguf_tensor_name(names, f"{weight.hf_name}.weight")
         codes, scale = _ggml_row_order(name, weight.codes(), weight.scale, family, config)
         contents.tensors.append((name, q4_0_blocks(codes, scale), gguf.GGMLQuantizationType.Q4_0))
-        deviation = max(deviation, fp16_scale_deviation(weight.scale))
+        deviation = max(deviation, rounding_deviation(weight.scale, "float16"))
     if weights:
         groups = sorted({w.group_size for w in weights})
         contents.op_mapping[f"qgraph::int4_linear x{len(weights)}"] = (

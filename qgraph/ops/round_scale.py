@@ -34,6 +34,15 @@ def round_scale_reference(scale: Tensor, dtype: str) -> Tensor:
     return scale.to(ROUNDING_DTYPES[dtype]).to(scale.dtype, copy=True)
 
 
+def rounding_deviation(scale: Tensor, dtype: str) -> float:
+    """max |dtype(s) - s| / |s| over the nonzero scales: how far a format that stores the scales in `dtype`
+    (GGUF: float16, XNNPACK: bfloat16) moves them from the trained ones (0: exact)."""
+    nonzero = scale[scale != 0].detach().float()
+    if not nonzero.numel():
+        return 0.0
+    return float(((round_scale_reference(nonzero, dtype) - nonzero).abs() / nonzero.abs()).max())
+
+
 @torch.library.custom_op("qgraph::round_scale", mutates_args=())
 def round_scale(scale: Tensor, dtype: str) -> Tensor:
     """`scale` rounded to the nearest `dtype` value (fp16: "float16"), returned in its own dtype."""

@@ -16,15 +16,17 @@ import qgraph
 from qgraph.errors import ExportError
 from qgraph.export.check import CheckCase, compare, reference_logits, run_in_runtime
 from qgraph.export.program import fp32_bytes
+from qgraph.graph import get_attr_tensor
 from qgraph.models import tiny_causal_lm
+from qgraph.ops.round_scale import rounding_deviation
 from tests.conftest import random_ids
 
 HAS_EXECUTORCH = importlib.util.find_spec("executorch") is not None
 needs_executorch = pytest.mark.skipif(not HAS_EXECUTORCH, reason="executorch is not installed "
                                       "(pip install -e '.[executorch]'): the .pte target and its runtime need it")
 if HAS_EXECUTORCH:
-    from qgraph.export.executorch import (DEQUANTIZE_WEIGHT, TARGET, delegation_problem, group_codes,
-                                          positive_scales, xnnpack_program)
+    from qgraph.export.executorch import (DEQUANTIZE_WEIGHT, TARGET, bf16_scale_note, delegation_problem,
+                                          group_codes, positive_scales, xnnpack_program)
 
 RELATIVE_TOLERANCE = 0.01  # of the logits' range: what the issue asks of ExecuTorch's int8-activation kernel
 OTHER_SHAPE = (3, 9, 4)  # (batch, seq, right padding of the last row): not a shape the export check uses
@@ -81,7 +83,6 @@ def int4_nodes(module: qgraph.QGraphModule) -> list[torch.fx.Node]:
 def flip_signs(module: qgraph.QGraphModule, node: torch.fx.Node, groups: torch.Tensor) -> None:
     """Negate the scale and the codes of the selected groups: the same weights under negative scales, as
     training with a large scale learning rate leaves them."""
-    from qgraph.graph import get_attr_tensor
     from qgraph.quant.downcast import pack_codes
 
     codes, scale = group_codes(module.graph_module, node)
@@ -111,8 +112,6 @@ def test_a_negative_scale_over_code_minus_8_is_refused(tmp_path):
     codes, scale = group_codes(module.graph_module, node)
     holds_min = (codes.reshape(*scale.shape, -1) == -8).any(-1)
     assert bool(holds_min.any())
-    from qgraph.graph import get_attr_tensor
-
     get_attr_tensor(module.graph_module, node.args[2].target)[holds_min] *= -1
     with pytest.raises(ExportError, match="scale went negative") as error:
         qgraph.export(module, tmp_path / "model.pte", console=quiet())
@@ -150,7 +149,6 @@ def test_8da4w_program_equals_the_finalized_module(family):
 def unpacked_codes(module: qgraph.QGraphModule) -> bytes:
     """The first int4 linear's codes as int8 bytes, one per weight: what the file must not hold."""
     from qgraph.export.aten import unpack_signed_nibbles
-    from qgraph.graph import get_attr_tensor
 
     node = next(n for n in module.graph_module.graph.nodes if n.target == torch.ops.qgraph.int4_linear.default)
     codes = get_attr_tensor(module.graph_module, node.args[1].target)

@@ -23,7 +23,6 @@ from qgraph.export.gguf import (
     TARGET,
     GGUFOptions,
     check_tolerances,
-    fp16_scale_deviation,
     gguf_contents,
     int4_weights,
     q4_0_blocks,
@@ -31,6 +30,7 @@ from qgraph.export.gguf import (
 from qgraph.export.gguf_tensors import ggml_rope_row_order
 from qgraph.export.gguf_vocab import write_vocabulary
 from qgraph.models import tiny_causal_lm
+from qgraph.ops.round_scale import rounding_deviation
 from qgraph.quant.downcast import pack_int4
 from tests.conftest import make_llama
 
@@ -75,8 +75,8 @@ def test_q4_0_rounds_only_the_scale_to_fp16():
     dequantized = gguf.quants.dequantize(q4_0_blocks(codes, scale), Q4_0)
     assert np.array_equal(dequantized, (scale.half().float() * codes.float()).numpy())
     assert not np.array_equal(dequantized, (scale * codes.float()).numpy())
-    assert 0 < fp16_scale_deviation(scale) <= 2.0**-11
-    assert fp16_scale_deviation(scale.half().float()) == 0.0
+    assert 0 < rounding_deviation(scale, "float16") <= 2.0**-11
+    assert rounding_deviation(scale.half().float(), "float16") == 0.0
 
 
 def test_q4_0_nibble_order_is_ggml_block_q4_0():

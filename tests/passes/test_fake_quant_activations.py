@@ -53,10 +53,10 @@ def test_every_decoder_linear_reads_a_fake_quantized_input(w4a8):
 
 
 def test_forward_equals_the_plain_pytorch_reference():
-    """lrqat-w4a8 == lrqat-w4 (group 32) with each linear's input put through the reference round trip."""
+    """lrqat-w4a8 == lrqat-w4 (group 32, bf16 scales) with each linear's input put through the reference round trip."""
     model = tiny_causal_lm("llama", layers=1, hidden=64)
     w4a8 = qgraph.transform(model, "lrqat-w4a8", checkpoint="none")
-    reference = qgraph.transform(model, "lrqat-w4", group_size=32, checkpoint="none")
+    reference = qgraph.transform(model, "lrqat-w4", group_size=32, scale_dtype="bfloat16", checkpoint="none")
     graph = reference.graph_module.graph
     for node in calls(graph, LRQAT):
         with graph.inserting_before(node):
@@ -74,7 +74,7 @@ def test_trains_and_finalizes_to_the_same_forward():
     params = [p for p in qm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     ids = random_ids((2, 12), seed=2)
-    for _ in range(2):  # through the checkpoint regions' recompute (selective: it counts qgraph ops)
+    for _ in range(2):  # through the checkpoint regions' recompute (selective: it counts the linear ops)
         loss = qm(input_ids=ids, labels=ids).loss
         loss.backward()
         # every parameter gets a gradient (B's is zero while A is: the plan starts at A = 0)
