@@ -8,6 +8,11 @@ nothing it computes requires grad, it runs without building an autograd graph.
 
 The head is found by structure, not by name: the first linear outside the decoder blocks whose
 input lies downstream of the last block.
+
+init="pruned" starts each side block as the backbone layer it taps, pruned to the side width
+(qgraph/side_init.py has the rule). The layer's weights are read off the graph by structure too: its
+linears grouped by the node they read, in order q/k/v (or a fused qkv), o, gate/up (or a fused
+gate_up), down; the NF4 ones dequantized as the backbone computes with them.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ import torch
 from torch import fx, nn
 
 from qgraph.errors import PassError
-from qgraph.graph import Block, LinearSite, decoder_blocks, linear_sites, module_path
+from qgraph.graph import Block, LinearSite, decoder_blocks, get_attr_tensor, linear_sites, module_path
+from qgraph.ops.nf4 import dequantize_nf4
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import ADDED, REWRITTEN, PassReport, SiteRecord
+from qgraph.rewrite import site_weight
+from qgraph.side_init import (
+    INIT_KINDS, BackboneBlock, check_prunable, choose_block, hidden_scores, pruned_block_state, top_indices,
+)
 from qgraph.side_network import DOWNSAMPLE_KINDS, SIDE_MODULE, SideConfig, SideNetwork
 
 PASS_NAME = "attach_side_taps"
@@ -39,9 +49,15 @@ class SideTapsOptions:
     # the side network's initial weights come from this seed, not the global RNG (which torch seeds
     # at random in every process): the same plan gives the same module
     seed: int = 0
+    # "random": the side blocks drawn from `seed` (the QST reference code); "pruned": each side block
+    # starts as the backbone layer it taps, pruned to the side width by weight magnitude (Ladder
+    # Side-Tuning; qgraph/side_init.py has the rule), read from the dequantized NF4 weights
+    init: str = "random"
 
     def __post_init__(self) -> None:
         _check_positive("r", self.r, "16 is the paper's default")
+        if self.init not in INIT_KINDS:
+            raise ValueError(f"init must be one of {', '.join(INIT_KINDS)}, got {self.init!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.downsample not in DOWNSAMPLE_KINDS:
@@ -140,6 +156,181 @@ def _device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
+# --- "pruned" init: the backbone's weights, read off the graph ----------------------------------------------
+
+NF4_LINEAR = torch.ops.qgraph.nf4_linear.default
+
+
+@dataclass(frozen=True)
+class BlockLinear:
+    """One linear inside a decoder block: its node, the node it reads and its weight (out, in), float32."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: torch.Tensor
+
+
+def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    return get_attr_tensor(gm, node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def block_linears(gm: fx.GraphModule, block: Block) -> list[BlockLinear]:
+    """The block's linears in graph order, NF4 ones dequantized (what the backbone computes with)."""
+    plain = {site.node: site for site in linear_sites(gm)}
+    linears = []
+    for node in block.nodes:
+        if node.op == "call_function" and node.target == NF4_LINEAR:
+            x, packed, absmax, code, nested_absmax, nested_code, offset, _bias, *sizes = node.args
+            tensors = [_attr(gm, n) for n in (packed, absmax, code, nested_absmax, nested_code, offset)]
+            linears.append(BlockLinear(node, x, dequantize_nf4(*tensors, *sizes).float()))
+        elif node in plain:
+            linears.append(BlockLinear(node, plain[node].input, site_weight(gm, plain[node]).float()))
+    return linears
+
+
+def groups_by_input(linears: list[BlockLinear]) -> list[list[BlockLinear]]:
+    """Linears that read the same node, in order of first appearance: q/k/v, o, gate/up, down."""
+    groups: dict[fx.Node, list[BlockLinear]] = {}
+    for linear in linears:
+        groups.setdefault(linear.input, []).append(linear)
+    return list(groups.values())
+
+
+def norm_weight(gm: fx.GraphModule, node: fx.Node, width: int) -> torch.Tensor | None:
+    """The norm weight that scales `node` (a norm's output): a (width,) attribute it reads directly, as
+    RMSNorm's `weight * x` and layer_norm(x, shape, weight, bias) do. None where there is none, or where
+    the weight is transformed first (Gemma's 1 + w), which the side block's plain RMSNorm could not copy."""
+    for arg in node.args:
+        tensor = _attr(gm, arg)
+        if tensor is not None and tuple(tensor.shape) == (width,):
+            return tensor.detach().float()
+    return None
+
+
+# ops that pass a tensor on unchanged in width between the final norm and the head (logits_to_keep's slice)
+PASS_THROUGH = (aten.alias.default, aten.slice.Tensor, aten.view.default, aten.clone.default)
+
+
+def final_norm_weight(gm: fx.GraphModule, head_input: fx.Node, width: int) -> torch.Tensor | None:
+    """The final norm's weight, read through the views and slices between it and the head."""
+    node = head_input
+    while node.op == "call_function" and node.target in PASS_THROUGH and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return norm_weight(gm, node, width)
+
+
+def split_rows(weight: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(weight.split(sizes, dim=0))
+
+
+def gated_mlp_inputs(group: list[BlockLinear], ffn: int, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) of a gated MLP: two linears, the gate being the one whose output passes an activation
+    before the product (Llama's silu(gate(x)) * up(x)), or one fused linear of twice the FFN width whose
+    first half is the gate (Phi-3's gate_up_proj)."""
+    if len(group) == 2:
+        first, second = group
+        up_first = all(user.target == aten.mul.Tensor for user in first.node.users)
+        gate, up = (second, first) if up_first else (first, second)
+        return gate.weight, up.weight
+    if len(group) == 1 and group[0].weight.shape[0] == 2 * ffn:
+        gate, up = split_rows(group[0].weight, [ffn, ffn])
+        return gate, up
+    widths = [linear.weight.shape[0] for linear in group]
+    raise PassError(f"{PASS_NAME}: init='pruned' copies a gated MLP (gate and up linears feeding down, as "
+                    f"Llama's SwiGLU) into the side block's; {path}'s MLP reads its input with linears of widths "
+                    f"{widths} (an ungated MLP, as GPT-2's). Fix: use init='random' for this model")
+
+
+def backbone_block(gm: fx.GraphModule, block: Block, heads: int, kv_heads: int) -> BackboneBlock:
+    """The block's attention and MLP weights, found by structure: four groups of linears by input, in order
+    (q/k/v or a fused qkv, o, gate/up or a fused gate_up, down), the norms as the weights scaling the
+    inputs of the first and third groups."""
+    groups = groups_by_input(block_linears(gm, block))
+    if len(groups) != 4 or len(groups[1]) != 1 or len(groups[3]) != 1:
+        names = [[module_path(linear.node) for linear in group] for group in groups]
+        raise PassError(f"{PASS_NAME}: init='pruned' reads a decoder block as attention then MLP (four groups "
+                        f"of linears by input: q/k/v, o, gate/up, down); {block.path} has {len(groups)}: {names}. "
+                        "Fix: use init='random' for this model")
+    attn_in, (attn_out,), mlp_in, (mlp_out,) = groups
+    width = attn_out.weight.shape[0]
+    if len(attn_in) == 3:
+        q, k, v = (linear.weight for linear in attn_in)
+    elif len(attn_in) == 1:  # fused qkv: H + 2 KV heads of equal size, in that order (GPT-2, Phi-3)
+        rows = attn_in[0].weight.shape[0]
+        head_dim = rows // (heads + 2 * kv_heads)
+        q, k, v = split_rows(attn_in[0].weight, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+    else:
+        raise PassError(f"{PASS_NAME}: init='pruned' expects q, k and v as three linears or one fused linear; "
+                        f"{block.path}'s attention reads its input with {len(attn_in)}. Fix: use init='random'")
+    gate, up = gated_mlp_inputs(mlp_in, mlp_out.weight.shape[1], block.path)
+    if q.shape[0] % heads or k.shape[0] * heads != q.shape[0] * kv_heads or v.shape != k.shape:
+        raise PassError(f"{PASS_NAME}: {block.path}'s q/k/v widths {q.shape[0]}/{k.shape[0]}/{v.shape[0]} do not "
+                        f"split into the config's {heads} query and {kv_heads} key/value heads. Fix: use "
+                        "init='random' for this model")
+    return BackboneBlock(q=q, k=k, v=v, o=attn_out.weight, gate=gate, up=up, down=mlp_out.weight,
+                         attn_norm=norm_weight(gm, attn_in[0].input, width),
+                         mlp_norm=norm_weight(gm, mlp_in[0].input, width), heads=heads, kv_heads=kv_heads)
+
+
+def head_counts(gm: fx.GraphModule) -> tuple[int, int]:
+    """(query heads, key/value heads) from the captured model's config."""
+    config = getattr(gm.meta.get("qgraph"), "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        raise PassError(f"{PASS_NAME}: init='pruned' needs the backbone's attention head count "
+                        "(config.num_attention_heads), and this model has no config with one. Fix: use init='random'")
+    return int(heads), int(getattr(config, "num_key_value_heads", None) or heads)
+
+
+@dataclass(frozen=True)
+class PrunedInit:
+    """Everything the pruned init copies: the shared hidden channels, each side block's state, the side norm."""
+
+    hidden: torch.Tensor
+    block_states: list[dict[str, torch.Tensor]]
+    norm: torch.Tensor | None
+
+
+def pruned_init(gm: fx.GraphModule, tapped: list[Block], head: LinearSite, config: SideConfig) -> PrunedInit:
+    """The side blocks' weights pruned from the tapped backbone blocks (one per side block; the embedding tap
+    has none), or a PassError naming the fix. Reads the graph only."""
+    heads, kv_heads = head_counts(gm)
+    blocks = [backbone_block(gm, block, heads, kv_heads) for block in tapped]
+    for block, path in zip(blocks, (b.path for b in tapped)):
+        problem = check_prunable(block, config.heads, config.head_dim, config.ffn_width)
+        if problem:
+            raise PassError(f"{PASS_NAME}: init='pruned' cannot prune {path} to the side block: {problem}; "
+                            "nothing was changed")
+    hidden = top_indices(hidden_scores(blocks), config.width)
+    choices = [choose_block(block, config.heads, config.head_dim, config.ffn_width) for block in blocks]
+    final_norm = final_norm_weight(gm, head.input, config.backbone_width)
+    return PrunedInit(hidden, [pruned_block_state(b, c, hidden) for b, c in zip(blocks, choices)],
+                      None if final_norm is None else final_norm[hidden])
+
+
+def load_pruned(side: SideNetwork, init: PrunedInit) -> None:
+    """Copy the pruned weights into the side network (its own dtype and device).
+
+    A `linear` downsample starts as the selection of the kept channels, so each tap reaches the side
+    stream in the channels the pruned blocks were cut to read; the other downsamples have no such
+    natural start and keep their random one."""
+    with torch.no_grad():
+        for block, state in zip(side.blocks, init.block_states, strict=True):
+            block.load_state_dict(state)
+        if init.norm is not None:
+            side.norm.weight.copy_(init.norm)
+        if side.config.downsample == "linear":
+            for down in side.downsamples:
+                down.load_state_dict(selection_linear(init.hidden, side.config.backbone_width))
+
+
+def selection_linear(kept: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+    """An nn.Linear(width, len(kept))'s state that returns x[..., kept]."""
+    weight = torch.zeros(len(kept), width)
+    weight[torch.arange(len(kept)), kept] = 1.0
+    return {"weight": weight, "bias": torch.zeros(len(kept))}
+
+
 # --- the rewrite ----------------------------------------------------------------------------------------
 
 
@@ -159,10 +350,14 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     taps = [blocks[0].hidden_in, *(block.hidden_out for block in tapped)]
     config = side_config(gm, blocks, len(taps), options)
     masks = [n for n in gm.graph.find_nodes(op="placeholder") if n.target == MASK_INPUT]
+    pruned = pruned_init(gm, tapped, head, config) if options.init == "pruned" else None
 
     with torch.random.fork_rng(devices=[]):  # built on the CPU from a private stream, then moved
         torch.manual_seed(options.seed)
-        side = SideNetwork(config).to(_device(gm))
+        side = SideNetwork(config)  # gates and upsample stay drawn at random either way
+    if pruned is not None:
+        load_pruned(side, pruned)
+    side = side.to(_device(gm))
     gm.add_submodule(SIDE_MODULE, side)
     graph = gm.graph
     with graph.inserting_before(head.node):
@@ -176,9 +371,23 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     embedding = module_path(blocks[0].hidden_in) or f"{blocks[0].path} input"
     report.records.extend(_tap_records(side, [embedding, *(b.path for b in tapped)]))
     report.records.append(_head_record(side, head))
+    report.notes.append(_init_note(options, pruned, config))
     if not masks:
         report.notes.append(f"no {MASK_INPUT} input in the graph: the side network treats every token as real")
     return PassResult(gm, modified=True, report=report)
+
+
+def _init_note(options: SideTapsOptions, pruned: PrunedInit | None, config: SideConfig) -> str:
+    if pruned is None:
+        return f"init='random': side network drawn from seed {options.seed}"
+    shown = ", ".join(map(str, pruned.hidden[:8].tolist())) + (", ..." if config.width > 8 else "")
+    norm = "" if pruned.norm is not None else " (none found: ones)"
+    random_part = ("the linear downsamples select the kept channels; gates" if config.downsample == "linear"
+                   else "downsamples, gates")
+    return (f"init='pruned': each side block copies its tapped backbone layer's dequantized weights pruned by "
+            f"L2 norm: {config.width} of {config.backbone_width} hidden channels (shared: {shown}), "
+            f"{config.heads} heads of size {config.head_dim}, FFN {config.ffn_width}; side norm from the final "
+            f"norm{norm}; {random_part} and upsample drawn from seed {options.seed}")
 
 
 def _param_count(*modules: nn.Module) -> tuple[int, int]:

@@ -109,3 +109,62 @@ def test_side_network_of_a_module_without_one_names_the_plan_that_has_one(llama_
     _, qm = llama_nf4
     with pytest.raises(QGraphError, match="has no QST side network .plan 'nf4'.*'qst-nf4'"):
         side_network(qm)
+
+
+# --- the pruned init's rule (qgraph/side_init.py) ------------------------------------------------------------
+
+
+def test_top_indices_keeps_the_largest_in_ascending_order_and_the_lower_index_on_ties():
+    from qgraph.side_init import top_indices
+
+    assert top_indices(torch.tensor([0.1, 5.0, 3.0, 5.0, 4.0]), 3).tolist() == [1, 3, 4]
+    assert top_indices(torch.tensor([2.0, 2.0, 2.0]), 2).tolist() == [0, 1]
+
+
+def _block(heads=2, kv_heads=1, head_dim=4, d=8, ffn=6, seed=0):
+    from qgraph.side_init import BackboneBlock
+
+    g = torch.Generator().manual_seed(seed)
+    w = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return BackboneBlock(q=w(heads * head_dim, d), k=w(kv_heads * head_dim, d), v=w(kv_heads * head_dim, d),
+                         o=w(d, heads * head_dim), gate=w(ffn, d), up=w(ffn, d), down=w(d, ffn),
+                         attn_norm=None, mlp_norm=None, heads=heads, kv_heads=kv_heads)
+
+
+def test_kept_head_dimensions_are_whole_rotary_pairs_in_rotate_half_layout():
+    from qgraph.side_init import choose_block
+
+    block = _block(heads=2, head_dim=8)
+    with torch.no_grad():
+        block.q[1 * 8 + 6] *= 100  # head 1's pair (2, 6) dominates: head 1 and that pair are kept
+    choice = choose_block(block, side_heads=1, side_head_dim=2, side_ffn=3)
+    assert choice.heads.tolist() == [1]
+    assert choice.qk_dims.tolist() == [[2, 6]]  # the side network rotates dim i with dim i + head_dim/2
+
+
+def test_pruned_state_takes_each_query_heads_own_key_value_head():
+    from qgraph.side_init import BlockChoice, pruned_block_state
+
+    block = _block(heads=4, kv_heads=2, head_dim=2, d=8)
+    choice = BlockChoice(heads=torch.tensor([1, 2]), qk_dims=torch.tensor([[0, 1], [0, 1]]),
+                         v_dims=torch.tensor([[1, 0], [0, 1]]), ffn=torch.tensor([0, 5]))
+    hidden = torch.tensor([0, 3, 4, 7])
+    state = pruned_block_state(block, choice, hidden)
+    q, k, v = state["attn.qkv.weight"].chunk(3)
+    torch.testing.assert_close(q, block.q[[2, 3, 4, 5]][:, hidden])  # query heads 1 and 2
+    torch.testing.assert_close(k, block.k[[0, 1, 2, 3]][:, hidden])  # their key heads: 1 // 2 = 0, 2 // 2 = 1
+    torch.testing.assert_close(v, block.v[[1, 0, 2, 3]][:, hidden])
+    torch.testing.assert_close(state["attn.out.weight"], block.o[hidden][:, [3, 2, 4, 5]])
+    gate_up = torch.cat([block.gate[[0, 5]], block.up[[0, 5]]])[:, hidden]
+    torch.testing.assert_close(state["mlp.gate_up.weight"], gate_up)
+    torch.testing.assert_close(state["mlp.down.weight"], block.down[hidden][:, [0, 5]])
+    assert torch.equal(state["attn_norm.weight"], torch.ones(4))  # no norm weight to copy: the identity
+
+
+def test_a_pruned_side_block_loads_into_the_side_network():
+    from qgraph.side_init import choose_block, hidden_scores, pruned_block_state, top_indices
+
+    block = _block(heads=2, kv_heads=1, head_dim=8, d=16, ffn=12)
+    side = SideNetwork(SideConfig(backbone_width=16, width=8, ffn_width=6, heads=2, blocks=1))
+    hidden = top_indices(hidden_scores([block]), 8)
+    side.blocks[0].load_state_dict(pruned_block_state(block, choose_block(block, 2, 4, 6), hidden))  # strict

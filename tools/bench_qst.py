@@ -5,6 +5,8 @@ Every configuration runs in its own process (so peak RSS is its own):
     python tools/bench_qst.py --steps 200 --out out/bench_qst
 writes results.json, results.md (the README table) and memory_time.png. One configuration alone:
     python tools/bench_qst.py --run qst-nf4 --steps 20 --json /tmp/qst.json
+The qst-nf4-* configurations are the plan with options (QST_VARIANTS): -pruned is init="pruned" (side
+blocks from the backbone's pruned weights), -linear a linear downsample, -lr3e-3 another learning rate.
 
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
 with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
@@ -22,7 +24,16 @@ from torch import nn
 
 from benchlib import Bench, full_finetuning, main
 
-TRAINED = ("qst-nf4", "qlora", "qlora-ckpt", "lora", "full-ft")
+# qst-nf4 variants, each its own configuration: (the plan's options, transform(model, "qst-nf4", **options);
+# the side network's AdamW learning rate, None for SIDE_NETWORK_LR)
+QST_VARIANTS: dict[str, tuple[dict, float | None]] = {
+    "qst-nf4": ({}, None),
+    "qst-nf4-pruned": ({"init": "pruned"}, None),
+    "qst-nf4-pruned-lr3e-3": ({"init": "pruned"}, 3e-3),
+    "qst-nf4-linear": ({"downsample": "linear"}, None),
+    "qst-nf4-pruned-linear": ({"init": "pruned", "downsample": "linear"}, None),  # downsamples select channels
+}
+TRAINED = (*QST_VARIANTS, "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "qlora"  # the paper's comparison: QST against QLoRA
@@ -36,12 +47,14 @@ def build(config: str, model: nn.Module):
 
     if config == "fp":
         return model, None
-    if config in ("nf4", "qst-nf4"):
-        qm = qgraph.transform(model, config)
+    if config == "nf4" or config in QST_VARIANTS:
+        options, lr = QST_VARIANTS.get(config, ({}, None))
+        qm = qgraph.transform(model, "nf4") if config == "nf4" else qgraph.transform(model, "qst-nf4", **options)
         release_replaced_weights(model)
         if config == "nf4":
             return qm, None
-        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95), weight_decay=0.0)
+        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=lr or SIDE_NETWORK_LR, betas=(0.9, 0.95),
+                                     weight_decay=0.0)
     if config == "full-ft":
         return full_finetuning(model)
     if config in ("qlora", "qlora-ckpt", "lora"):

@@ -267,3 +267,194 @@ def test_side_network_is_an_ordinary_submodule(llama_qst):
     assert side.training and all(m.training for m in side.modules())
     llama_qst.eval()
     assert not side.training
+
+
+# --- init="pruned": side blocks from the backbone's dequantized weights ------------------------------------
+
+PRUNABLE = ("llama", "qwen2", "mistral")  # gated MLPs; GPT-2's is not (an error, below)
+
+
+@pytest.fixture(scope="module", params=PRUNABLE)
+def pruned_triple(request):
+    """(model, nf4 module, qst-nf4 module with init="pruned", r=4) of one tiny model."""
+    model = with_random_norms(tiny_causal_lm(request.param, layers=LAYERS))
+    return model, qgraph.transform(model, "nf4"), qgraph.transform(model, "qst-nf4", r=4, init="pruned")
+
+
+def with_random_norms(model):
+    """Norm weights drawn in [0.5, 1.5) (a fresh model's are all ones), so copying the wrong channels shows."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(0.5 + torch.rand(param.shape, generator=g))
+    return model
+
+
+def test_pruned_init_keeps_the_random_inits_shapes(pruned_triple):
+    model, _, qm = pruned_triple
+    random = qgraph.transform(model, "qst-nf4", r=4).graph_module.get_submodule(SIDE_MODULE)
+    pruned = qm.graph_module.get_submodule(SIDE_MODULE)
+    assert pruned.config == random.config
+    shapes = {name: tensor.shape for name, tensor in pruned.state_dict().items()}
+    assert shapes == {name: tensor.shape for name, tensor in random.state_dict().items()}
+    # the blocks and the side norm differ from the random draw; the downsamples, gates and upsample do not
+    for name, tensor in random.state_dict().items():
+        copied = name.startswith("blocks.") or name == "norm.weight"
+        assert torch.equal(pruned.state_dict()[name], tensor) != copied, name
+
+
+def test_pruned_init_step0_logits_equal_the_nf4_plan_exactly(pruned_triple):
+    _, nf4, qm = pruned_triple
+    ids = random_ids((2, 12), seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    assert torch.equal(logits(qm, ids, attention_mask=mask), logits(nf4, ids, attention_mask=mask))
+
+
+def test_pruned_init_trains_the_side_network_only(pruned_triple):
+    _, _, qm = pruned_triple
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    side_ids = {id(p) for p in side.parameters()}
+    assert {id(p) for p in qm.trainable_parameters()} == side_ids
+    with torch.no_grad():
+        side.mix.fill_(0.5)  # every side parameter gets a gradient once a < 1
+    try:
+        ids = random_ids((2, 12), seed=2)
+        qm(input_ids=ids, labels=ids).loss.backward()
+        with_grad = {id(p) for p in qm.parameters() if p.grad is not None}
+        assert with_grad == side_ids
+        assert all(p.grad.abs().sum() > 0 for p in side.blocks.parameters())
+    finally:
+        qm.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            side.mix.fill_(1.0)
+
+
+def _nf4_weight(linear: torch.nn.Linear) -> torch.Tensor:
+    """What the nf4 plan computes with: the fp32 weight quantized, then decoded in plain PyTorch."""
+    from qgraph.ops.nf4 import decode_nf4, quantize_nf4
+
+    w = quantize_nf4(linear.weight.detach())
+    return decode_nf4(w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset, *w.shape,
+                      w.blocksize, w.nested_blocksize)
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.topk(scores, k).indices.tolist())
+
+
+def reference_pruned_blocks(model, tapped: list[int], width: int, side_heads: int, side_ffn: int):
+    """The documented rule, written out in plain loops, for the tapped layers:
+    (hidden channels, [expected SideBlock state per tapped layer])."""
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    hd = config.hidden_size // heads
+    side_hd = width // side_heads
+    layers = []
+    for layer in (model.model.layers[i] for i in tapped):
+        a, m = layer.self_attn, layer.mlp
+        w = {name: _nf4_weight(lin) for name, lin in [("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj),
+                                                      ("o", a.o_proj), ("gate", m.gate_proj), ("up", m.up_proj),
+                                                      ("down", m.down_proj)]}
+        layers.append((w, layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()))
+    score = torch.zeros(config.hidden_size)
+    for w, g1, g2 in layers:
+        for name in ("q", "k", "v"):
+            score += (w[name] * g1).pow(2).sum(0)
+        for name in ("gate", "up"):
+            score += (w[name] * g2).pow(2).sum(0)
+        score += w["o"].pow(2).sum(1) + w["down"].pow(2).sum(1)
+    hidden = _top(score, width)
+    states = []
+    for w, g1, g2 in layers:
+        head_score = torch.tensor([w["q"][h * hd:(h + 1) * hd].pow(2).sum()
+                                   + w["o"][:, h * hd:(h + 1) * hd].pow(2).sum() for h in range(heads)])
+        q_rows, k_rows, v_rows, o_cols = [], [], [], []
+        for h in _top(head_score, side_heads):
+            kv = h // (heads // kv_heads)
+            q, k = w["q"][h * hd:(h + 1) * hd], w["k"][kv * hd:(kv + 1) * hd]
+            pair = [q[j].pow(2).sum() + q[j + hd // 2].pow(2).sum() + k[j].pow(2).sum() + k[j + hd // 2].pow(2).sum()
+                    for j in range(hd // 2)]
+            kept = _top(torch.tensor(pair), side_hd // 2)
+            dims = kept + [j + hd // 2 for j in kept]
+            q_rows += [h * hd + j for j in dims]
+            k_rows += [kv * hd + j for j in dims]
+            v_score = [w["v"][kv * hd + j].pow(2).sum() + w["o"][:, h * hd + j].pow(2).sum() for j in range(hd)]
+            v_dims = _top(torch.tensor(v_score), side_hd)
+            v_rows += [kv * hd + j for j in v_dims]
+            o_cols += [h * hd + j for j in v_dims]
+        ffn = _top(w["gate"].pow(2).sum(1) + w["up"].pow(2).sum(1) + w["down"].pow(2).sum(0), side_ffn)
+        states.append({
+            "attn_norm.weight": g1[hidden],
+            "attn.qkv.weight": torch.cat([w["q"][q_rows], w["k"][k_rows], w["v"][v_rows]])[:, hidden],
+            "attn.out.weight": w["o"][hidden][:, o_cols],
+            "mlp_norm.weight": g2[hidden],
+            "mlp.gate_up.weight": torch.cat([w["gate"][ffn], w["up"][ffn]])[:, hidden],
+            "mlp.down.weight": w["down"][hidden][:, ffn],
+        })
+    return hidden, states
+
+
+def test_pruned_side_blocks_are_the_chosen_slices_of_the_dequantized_backbone(pruned_triple):
+    model, _, qm = pruned_triple
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    config = side.config
+    hidden, states = reference_pruned_blocks(model, list(range(LAYERS)), config.width, config.heads, config.ffn_width)
+    assert_side_blocks_equal(side, states)
+    torch.testing.assert_close(side.norm.weight.detach(), model.model.norm.weight.detach()[hidden], rtol=0, atol=0)
+
+
+def assert_side_blocks_equal(side, states):
+    assert len(states) == len(side.blocks)
+    for i, (block, expected) in enumerate(zip(side.blocks, states)):
+        got = block.state_dict()
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=f"block {i} {name}")
+
+
+def test_pruned_init_with_a_layer_stride_copies_the_tapped_layers():
+    model = with_random_norms(tiny_causal_lm("llama", layers=3))
+    qm = qgraph.transform(model, "qst-nf4", r=4, init="pruned", layer_stride=2)  # taps layers 0 and 2
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    config = side.config
+    _, states = reference_pruned_blocks(model, [0, 2], config.width, config.heads, config.ffn_width)
+    assert_side_blocks_equal(side, states)
+
+
+def test_report_says_which_init_ran(pruned_triple, llama_qst):
+    _, _, qm = pruned_triple
+    assert qm.report["attach_side_taps"].options["init"] == "pruned"
+    assert any(note.startswith("init='pruned'") for note in qm.report["attach_side_taps"].notes)
+    assert any(note.startswith("init='random'") for note in llama_qst.report["attach_side_taps"].notes)
+
+
+def test_unknown_init_names_the_choices(tiny_llama, snapshot):
+    before = snapshot(tiny_llama)
+    with pytest.raises(PlanError, match="init must be one of random, pruned, got 'magnitude'"):
+        qgraph.transform(tiny_llama, "qst-nf4", init="magnitude")
+    before.assert_unchanged(tiny_llama)
+
+
+@pytest.mark.parametrize(("family", "options", "message"), [
+    ("gpt2", {}, r"init='pruned' copies a gated MLP .* Fix: use init='random'"),
+    ("llama", {"heads": 8}, r"8 heads but the backbone layer has 4; set heads to at most 4"),
+])
+def test_pruned_init_that_cannot_fit_names_the_fix(family, options, message):
+    model = tiny_causal_lm(family, layers=LAYERS)
+    with pytest.raises(PassError, match=message):
+        qgraph.transform(model, "qst-nf4", r=4, init="pruned", **options)
+
+
+def test_pruned_init_starts_a_linear_downsample_as_the_kept_channels():
+    model = with_random_norms(tiny_causal_lm("llama", layers=LAYERS))
+    qm = qgraph.transform(model, "qst-nf4", r=4, init="pruned", downsample="linear")
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    config = side.config
+    hidden, _ = reference_pruned_blocks(model, list(range(LAYERS)), config.width, config.heads, config.ffn_width)
+    x = torch.randn(2, 5, config.backbone_width)
+    with torch.no_grad():
+        for down in side.downsamples:
+            assert torch.equal(down(x), x[..., hidden])
+    assert "the linear downsamples select the kept channels" in qm.report["attach_side_taps"].notes[0]
