@@ -2,7 +2,9 @@
 the markdown table, the chart and the command line.
 
 A tool describes itself as a `Bench` (its configurations, which of them train, the peer that ratios are
-quoted against, and `build(config, model) -> (module, optimizer or None)`) and calls `main(bench)`.
+quoted against, and `build(config, model) -> (module, optimizer or None)`) and calls `main(bench)`. Optionally
+`pairs` quotes some configurations against a peer of their own (the cell names it), and
+`deployed(config, module) -> module or None` gives the form a configuration deploys as, scored once more.
 Every configuration runs in its own process (so its peak RSS is its own) on the same batches.
 """
 
@@ -14,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,8 @@ class Result:
     settings: dict[str, int] = field(default_factory=dict)
     # where memory, peak RSS and step time come from when not from this run (--timing-from)
     timing_from: str = ""
+    # held-out perplexity of the deployed form (Bench.deployed) after training; 0 when not measured
+    deployed_perplexity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ class Bench:
     build: Callable  # (config, model) -> (module to train or score, optimizer or None)
     script: str  # the tool's own file, run once per configuration
     default_out: Path
+    # config -> the configuration its ratios are quoted against instead of `peer` (its like-for-like peer)
+    pairs: Mapping[str, str] = field(default_factory=dict)
+    # (config, trained module) -> the module it deploys as (scored too), or None when there is none to score
+    deployed: Callable | None = None
+    # what --configs runs when not given (None: every configuration); variants kept for a study stay opt-in
+    default_configs: tuple[str, ...] | None = None
 
 
 # --- one configuration, in its own process ------------------------------------------------------------
@@ -129,6 +139,9 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
         module.eval()
     result.peak_rss = peak_rss_bytes()
     result.perplexity = perplexity(lambda ids: logits_of(module, ids), heldout, progress=False)
+    deployed = bench.deployed(config, module) if bench.deployed is not None else None
+    if deployed is not None:
+        result.deployed_perplexity = perplexity(lambda ids: logits_of(deployed, ids), heldout, progress=False)
     return result
 
 
@@ -199,23 +212,37 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
 
 def _summary(result: Result) -> str:
     mem = result.memory.get("Total", 0) / 2**30
-    return f"tracked peak {mem:.2f} GiB, RSS {result.peak_rss / 2**30:.2f} GiB, step {result.step_seconds:.2f} s, ppl {result.perplexity:.2f}"
+    deployed = f", deployed ppl {result.deployed_perplexity:.2f}" if result.deployed_perplexity else ""
+    return (f"tracked peak {mem:.2f} GiB, RSS {result.peak_rss / 2**30:.2f} GiB, step {result.step_seconds:.2f} s, "
+            f"ppl {result.perplexity:.2f}{deployed}")
 
 
-def markdown_table(results: list[Result], peer_name: str, peer_label: str) -> str:
-    peer = next((r for r in results if r.config == peer_name), None)
+def markdown_table(results: list[Result], peer_name: str, peer_label: str,
+                   pairs: Mapping[str, str] | None = None) -> str:
+    """The results table. Ratios are against `peer_name`, or for a configuration in `pairs` against its own
+    peer, named in the cell. The deployed-perplexity column appears only when some result measured one, so
+    tables of tools without `deployed` read as before."""
+    by_name = {r.config: r for r in results}
+    pairs = pairs or {}
+    with_deployed = any(r.deployed_perplexity for r in results)
     lines = ["| configuration | steps | tracked peak (GiB) | params+buffers | grads | opt state | activations+temp "
-             f"| peak RSS (GiB) | step (s) | memory vs {peer_label} | time vs {peer_label} | held-out ppl |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| peak RSS (GiB) | step (s) | memory vs {peer_label} | time vs {peer_label} | held-out ppl |"
+             + (" deployed ppl |" if with_deployed else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_deployed else "")]
     for r in results:
         m = r.memory
         gib = lambda n: f"{n / 2**30:.2f}" if m else "-"  # noqa: E731
-        mem_ratio = f"{peer.memory['Total'] / m['Total']:.2f}x less" if peer and m and peer.memory else "-"
-        time_ratio = f"{peer.step_seconds / r.step_seconds:.2f}x faster" if peer and r.step_seconds and peer.step_seconds else "-"
+        peer = by_name.get(pairs.get(r.config, peer_name))
+        against = f" (vs {peer.config})" if peer and r.config in pairs else ""
+        mem_ratio = f"{peer.memory['Total'] / m['Total']:.2f}x less{against}" if peer and m and peer.memory else "-"
+        time_ratio = (f"{peer.step_seconds / r.step_seconds:.2f}x faster{against}"
+                      if peer and r.step_seconds and peer.step_seconds else "-")
+        deployed = (f" {r.deployed_perplexity:.2f} |" if r.deployed_perplexity else " - |") if with_deployed else ""
         lines.append(
             f"| {r.config} | {r.steps} | {gib(m.get('Total', 0))} | {gib(m.get('Parameter', 0) + m.get('Buffer', 0))} "
             f"| {gib(m.get('Gradient', 0))} | {gib(m.get('Optstate', 0))} | {gib(m.get('Activation', 0) + m.get('Temp', 0))} "
-            f"| {r.peak_rss / 2**30:.2f} | {f'{r.step_seconds:.2f}' if r.step_seconds else '-'} | {mem_ratio} | {time_ratio} | {r.perplexity:.2f} |")
+            f"| {r.peak_rss / 2**30:.2f} | {f'{r.step_seconds:.2f}' if r.step_seconds else '-'} | {mem_ratio} | {time_ratio} "
+            f"| {r.perplexity:.2f} |{deployed}")
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +278,8 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=bench.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", choices=bench.configs, help="run one configuration in this process")
     parser.add_argument("--json", type=Path, help="with --run: where to write its result")
-    parser.add_argument("--configs", nargs="+", default=list(bench.configs), choices=bench.configs)
+    parser.add_argument("--configs", nargs="+", default=list(bench.default_configs or bench.configs),
+                        choices=bench.configs)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--timing-steps", type=int, default=3)
     parser.add_argument("--eval-blocks", type=int, default=56, help="held-out blocks (56 is the whole split)")
@@ -278,7 +306,7 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     console = Console()
     results = run_all(bench, args, console)
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    table = markdown_table(results, bench.peer, bench.peer_label)
+    table = markdown_table(results, bench.peer, bench.peer_label, bench.pairs)
     (args.out / "results.md").write_text(table)
     chart(results, args.out / "memory_time.png")
     console.print(table)
