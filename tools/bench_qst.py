@@ -6,7 +6,8 @@ Every configuration runs in its own process (so peak RSS is its own):
 writes results.json, results.md (the README table) and memory_time.png. One configuration alone:
     python tools/bench_qst.py --run qst-nf4 --steps 20 --json /tmp/qst.json
 The qst-nf4-* configurations are the plan with options (QST_VARIANTS): -pruned is init="pruned" (side
-blocks from the backbone's pruned weights), -linear a linear downsample, -lr3e-3 another learning rate.
+blocks from the backbone's pruned weights), -linear a linear downsample, -lr3e-3 another learning rate,
+-r8 / -r4 a wider side network (reduction 8 or 4).
 
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
 with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
@@ -32,6 +33,8 @@ QST_VARIANTS: dict[str, tuple[dict, float | None]] = {
     "qst-nf4-pruned-lr3e-3": ({"init": "pruned"}, 3e-3),
     "qst-nf4-linear": ({"downsample": "linear"}, None),
     "qst-nf4-pruned-linear": ({"init": "pruned", "downsample": "linear"}, None),  # downsamples select channels
+    "qst-nf4-r8": ({"r": 8}, None),  # side width d/8 (72 on SmolLM2) instead of d/16
+    "qst-nf4-r4": ({"r": 4}, None),  # d/4 (144)
 }
 TRAINED = (*QST_VARIANTS, "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
