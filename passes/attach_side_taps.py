@@ -174,9 +174,8 @@ def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     return get_attr_tensor(gm, node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
-def block_linears(gm: fx.GraphModule, block: Block) -> list[BlockLinear]:
+def block_linears(gm: fx.GraphModule, block: Block, plain: dict[fx.Node, LinearSite]) -> list[BlockLinear]:
     """The block's linears in graph order, NF4 ones dequantized (what the backbone computes with)."""
-    plain = {site.node: site for site in linear_sites(gm)}
     linears = []
     for node in block.nodes:
         if node.op == "call_function" and node.target == NF4_LINEAR:
@@ -241,11 +240,12 @@ def gated_mlp_inputs(group: list[BlockLinear], ffn: int, path: str) -> tuple[tor
                     f"{widths} (an ungated MLP, as GPT-2's). Fix: use init='random' for this model")
 
 
-def backbone_block(gm: fx.GraphModule, block: Block, heads: int, kv_heads: int) -> BackboneBlock:
+def backbone_block(gm: fx.GraphModule, block: Block, heads: int, kv_heads: int,
+                   plain: dict[fx.Node, LinearSite]) -> BackboneBlock:
     """The block's attention and MLP weights, found by structure: four groups of linears by input, in order
     (q/k/v or a fused qkv, o, gate/up or a fused gate_up, down), the norms as the weights scaling the
     inputs of the first and third groups."""
-    groups = groups_by_input(block_linears(gm, block))
+    groups = groups_by_input(block_linears(gm, block, plain))
     if len(groups) != 4 or len(groups[1]) != 1 or len(groups[3]) != 1:
         names = [[module_path(linear.node) for linear in group] for group in groups]
         raise PassError(f"{PASS_NAME}: init='pruned' reads a decoder block as attention then MLP (four groups "
@@ -295,7 +295,8 @@ def pruned_init(gm: fx.GraphModule, tapped: list[Block], head: LinearSite, confi
     """The side blocks' weights pruned from the tapped backbone blocks (one per side block; the embedding tap
     has none), or a PassError naming the fix. Reads the graph only."""
     heads, kv_heads = head_counts(gm)
-    blocks = [backbone_block(gm, block, heads, kv_heads) for block in tapped]
+    plain = {site.node: site for site in linear_sites(gm)}  # found once: every block reads from it
+    blocks = [backbone_block(gm, block, heads, kv_heads, plain) for block in tapped]
     for block, path in zip(blocks, (b.path for b in tapped)):
         problem = check_prunable(block, config.heads, config.head_dim, config.ffn_width)
         if problem:

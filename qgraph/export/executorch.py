@@ -313,9 +313,9 @@ TARGET = ExportTarget(
     options_type=ExecuTorchOptions,
     unsupported=unsupported,
     write=write,
-    runner="pte.py",  # not executorch.py: the runners folder is first on sys.path, and would shadow the package
+    runner="pte.py",  # a runner named like the package it imports would read as that package to a reader
     tolerance=1e-4,
-    # XNNPACK quantizes activations with its own float32 arithmetic (the fake quant is float64) and keeps
-    # the group scales in bf16: a token can land one int8 step away, a few tenths of a % of the logits' range
+    # XNNPACK quantizes activations with its own float32 arithmetic (the fake quant follows torch's reference,
+    # in float64): a token can land one int8 step away, a few tenths of a % of a tiny model's logits' range
     relative_tolerance=0.01,
 )

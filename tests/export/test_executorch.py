@@ -184,3 +184,15 @@ def test_llama_pte_runs_in_executorch_like_the_finalized_module(tmp_path):
 @pytest.mark.slow
 def test_qwen2_pte_runs_in_executorch_like_the_finalized_module(tmp_path):
     export_and_check(tmp_path, "qwen2")  # q/k/v biases: linear's bias beside the 8da4w weight
+
+
+@needs_executorch
+def test_lrqat_w4a8_trains_the_bf16_scales_xnnpack_stores():
+    # XNNPACK keeps group scales in bf16: fp32 scales rounded at export moved SmolLM2's logits by 7.2 of a
+    # 42.7 range (top-1 81%), so the plan trains bf16-exact scales and the export says what rounding did
+    exact = finalized("llama", "lrqat-w4a8")
+    assert all(rounding_deviation(get_attr_tensor(exact.graph_module, n.args[2].target), "bfloat16") == 0.0
+               for n in int4_nodes(exact))
+    assert "bf16-exact" in bf16_scale_note(exact)
+    rounded = bf16_scale_note(finalized("llama", "lrqat-w4a8", scale_dtype="float32"))
+    assert "moves the trained fp32 scales by up to" in rounded and "scale_dtype='bfloat16'" in rounded
