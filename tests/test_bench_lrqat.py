@@ -4,6 +4,9 @@ torchao's convert step deploys what its QAT trained, and the table quotes lrqat-
 from __future__ import annotations
 
 import sys
+from argparse import Namespace
+from collections import Counter
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,10 @@ from tests.conftest import make_llama, random_ids
 pytest.importorskip("torchao", reason="the bench extra (torchao) is not installed: pip install -e .[bench]")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the tools import benchlib as a sibling
 import bench_lrqat  # noqa: E402
-from benchlib import Result, logits_of, markdown_table, train_step  # noqa: E402
+import benchlib  # noqa: E402
+from benchlib import PteFigures, Result, logits_of, markdown_table, train_step  # noqa: E402
+
+from qgraph.errors import ExportError  # noqa: E402
 
 NEW_CONFIGS = ("lrqat-w4a8", "torchao-8da4w-qat", "torchao-8da4w-qat-ckpt")
 
@@ -97,3 +103,116 @@ def test_table_quotes_paired_configs_against_their_own_peer_and_leaves_the_other
     old = markdown_table(results[:2], "torchao-qat", "torchao QAT", bench_lrqat.PAIRS).splitlines()
     assert old[0].endswith("| time vs torchao QAT | held-out ppl |")
     assert old[2] == "| lrqat-w4 | 5 | 1.00 | 0.00 | 0.00 | 0.00 | 0.00 | 1.00 | 4.00 | 4.00x less | 2.00x faster | 10.00 |"
+
+
+# --- --pte: the deployed forms as ExecuTorch .pte files ---------------------------------------------------------
+
+
+def run_main_capturing(monkeypatch, argv: list[str], bench=None) -> dict:
+    """benchlib.main(argv) with run_config replaced by a recorder of what it was called with."""
+    seen = {}
+
+    def fake_run_config(bench, config, *args):
+        seen["config"], seen["args"] = config, args
+        return Result(config, 5)
+
+    monkeypatch.setattr(benchlib, "run_config", fake_run_config)
+    benchlib.main(bench or bench_lrqat.BENCH, argv)
+    return seen
+
+
+def test_pte_flag_parses_and_puts_the_pte_next_to_the_configuration_json(monkeypatch, tmp_path):
+    json_path = tmp_path / "lrqat-w4a8.json"
+    seen = run_main_capturing(monkeypatch, ["--run", "lrqat-w4a8", "--json", str(json_path), "--steps", "5", "--pte"])
+    assert seen["config"] == "lrqat-w4a8" and seen["args"][-1] == tmp_path / "lrqat-w4a8.pte"
+    assert json_path.exists()
+    # off by default: no .pte path, so nothing is exported
+    without = run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(json_path), "--steps", "5"])
+    assert without["args"][-1] is None
+    # the parent hands the flag on to each configuration's process, and only when given
+    args = Namespace(steps=5, timing_steps=3, eval_blocks=2, batch_size=1, block_len=64)
+    assert "--pte" not in benchlib._shared_flags(args)
+    assert benchlib._shared_flags(Namespace(**vars(args), pte=True))[-1] == "--pte"
+
+
+def test_a_bench_without_a_pte_hook_has_no_pte_flag(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit):
+        run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(tmp_path / "fp.json"), "--pte"],
+                           bench=replace(bench_lrqat.BENCH, pte=None))
+
+
+def test_prefill_block_is_the_first_held_out_tokens_in_one_row():
+    heldout = torch.arange(300).view(5, 60)
+    assert torch.equal(bench_lrqat.prefill_block(heldout), torch.arange(128).view(1, 128))
+    with pytest.raises(ValueError, match="fewer than the 128"):
+        bench_lrqat.prefill_block(heldout[:2])
+
+
+def test_pte_is_only_for_the_8da4w_configurations_and_a_failed_export_is_a_note_not_a_crash(monkeypatch, tmp_path):
+    assert bench_lrqat.pte("lrqat-w4", torch.nn.Linear(2, 2), random_ids((1, 128)), tmp_path / "x.pte") is None
+
+    def refuse(model, path):
+        raise ExportError("XNNPACK did not lower torchao's 8da4w program: 7 quantized linears, 6 ...\nmore")
+
+    monkeypatch.setattr(bench_lrqat, "write_torchao_pte", refuse)
+    (tmp_path / "x.pte").write_bytes(b"an earlier run's file")
+    figures = bench_lrqat.pte("torchao-8da4w-qat", torch.nn.Linear(2, 2), random_ids((1, 128)), tmp_path / "x.pte")
+    assert figures == PteFigures(note="not written: ExportError: XNNPACK did not lower torchao's 8da4w program: "
+                                      "7 quantized linears, 6 ...")
+    assert not (tmp_path / "x.pte").exists()  # not measured, and not left to be mistaken for this run's
+
+    def fail_to_run(*args, **kwargs):
+        raise RuntimeError("method load failed")
+
+    monkeypatch.setattr(bench_lrqat, "write_torchao_pte", lambda model, path: "XNNPACK: ...")
+    monkeypatch.setattr(bench_lrqat, "measure_pte", fail_to_run)
+    figures = bench_lrqat.pte("torchao-8da4w-qat", torch.nn.Linear(2, 2), random_ids((1, 128)), tmp_path / "x.pte")
+    assert figures == PteFigures(note="written, but ExecuTorch's runtime failed on it: "
+                                      "RuntimeError: method load failed")
+
+
+def test_torchao_delegation_problem_names_what_xnnpack_left_out():
+    inside = Counter({"torchao.choose_qparams_affine": 7, "aten.linear": 8, "torchao.dequantize_affine": 14})
+    assert bench_lrqat.torchao_delegation_problem(inside, Counter({"aten.embedding": 1}), 7) is None
+    fewer = Counter({"torchao.choose_qparams_affine": 6, "aten.linear": 7})
+    problem = bench_lrqat.torchao_delegation_problem(fewer, Counter({"aten.linear": 1}), 7)
+    assert "7 quantized linears, 6 activation quantizations delegated" in problem and "aten.linear" in problem
+
+
+@pytest.mark.parametrize("config", ("lrqat-w4a8", "torchao-8da4w-qat"))
+def test_pte_of_the_deployed_module_runs_in_executorch_and_matches_it(tmp_path, config):
+    pytest.importorskip("executorch", reason="executorch is not installed (pip install -e '.[executorch]'): "
+                                             "--pte writes and runs .pte files with it")
+    module, _ = bench_lrqat.build(config, make_llama(layers=1))
+    module.eval()
+    deployed_module = bench_lrqat.deployed(config, module)
+    heldout = random_ids((2, 128), seed=4)
+    path = tmp_path / f"{config}.pte"
+    figures = bench_lrqat.pte(config, deployed_module, heldout, path)
+    assert figures.note.startswith("XNNPACK: 7 of 7 8da4w linears delegated"), figures.note
+    assert figures.file_bytes == path.stat().st_size > 0
+    assert 0 < figures.prefill_ms < 10_000
+    with torch.no_grad():
+        logits = logits_of(deployed_module, heldout[:1])
+    # XNNPACK's int8 activation rounding may land a token one step away: a fraction of a % of the logits' range
+    assert figures.max_abs_diff < 0.01 * (logits.max() - logits.min()).item()
+    assert figures.top1_agreement >= 0.9
+
+
+def test_table_puts_the_pte_figures_side_by_side_and_leaves_other_rows_blank():
+    lrqat, torchao = result("lrqat-w4a8", 1.0, 5.0, 11.0), result("torchao-8da4w-qat", 3.0, 10.0, 12.0)
+    lrqat.pte = asdict(PteFigures(80 * 2**20, 200.0, 0.05, 0.99, "XNNPACK: ..."))
+    torchao.pte = asdict(PteFigures(100 * 2**20, 300.0, 0.5, 0.95, "XNNPACK: ..."))
+    failed = result("torchao-8da4w-qat-ckpt", 2.0, 9.0, 12.0)
+    failed.pte = asdict(PteFigures(note="not written: ExportError: left | out"))
+    results = [result("lrqat-w4", 1.0, 4.0), result("torchao-qat", 4.0, 8.0), lrqat, torchao, failed]
+    table = markdown_table(results, "torchao-qat", "torchao QAT", bench_lrqat.PAIRS).splitlines()
+    assert table[0].endswith("| deployed ppl | pte MiB | pte prefill (ms) | pte vs deployed | pte vs peer |")
+    # every row has the header's cells: an escaped \| in a note stays inside its cell
+    assert all(line.replace("\\|", "").count("|") == table[0].count("|") for line in table[1:])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert rows["lrqat-w4a8"].endswith("| 11.00 | 80.0 | 200 | max abs diff 0.05, top-1 99.0% "
+                                       "| 1.25x smaller, 1.50x faster (vs torchao-8da4w-qat) |")
+    assert rows["torchao-8da4w-qat"].endswith("| 100.0 | 300 | max abs diff 0.5, top-1 95.0% | - |")
+    assert rows["torchao-8da4w-qat-ckpt"].endswith("| - | - | not written: ExportError: left \\| out | - |")
+    assert rows["lrqat-w4"].endswith("| 10.00 | - | - | - | - | - |")

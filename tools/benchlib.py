@@ -4,7 +4,9 @@ the markdown table, the chart and the command line.
 A tool describes itself as a `Bench` (its configurations, which of them train, the peer that ratios are
 quoted against, and `build(config, model) -> (module, optimizer or None)`) and calls `main(bench)`. Optionally
 `pairs` quotes some configurations against a peer of their own (the cell names it), and
-`deployed(config, module) -> module or None` gives the form a configuration deploys as, scored once more.
+`deployed(config, module) -> module or None` gives the form a configuration deploys as, scored once more,
+and `pte(config, deployed module, held-out blocks, path) -> PteFigures or None` writes that form as an
+ExecuTorch .pte and measures it (with --pte: each export takes minutes).
 Every configuration runs in its own process (so its peak RSS is its own) on the same batches.
 """
 
@@ -43,6 +45,19 @@ class Result:
     timing_from: str = ""
     # held-out perplexity of the deployed form (Bench.deployed) after training; 0 when not measured
     deployed_perplexity: float = 0.0
+    # the deployed form as a .pte (Bench.pte, --pte): asdict(PteFigures), empty when not made
+    pte: dict[str, int | float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PteFigures:
+    """A deployed module written as an ExecuTorch .pte and run by ExecuTorch's runtime; 0 where not measured."""
+
+    file_bytes: int = 0
+    prefill_ms: float = 0.0  # median of timed prefills after a warm-up
+    max_abs_diff: float = 0.0  # of the .pte's logits against the deployed PyTorch module's, same tokens
+    top1_agreement: float = 0.0  # fraction of positions whose argmax token agrees
+    note: str = ""  # what XNNPACK delegated, or why no file was written
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class Bench:
     pairs: Mapping[str, str] = field(default_factory=dict)
     # (config, trained module) -> the module it deploys as (scored too), or None when there is none to score
     deployed: Callable | None = None
+    # (config, deployed module, held-out blocks, path) -> PteFigures, or None for a configuration without a .pte
+    pte: Callable | None = None
     # what --configs runs when not given (None: every configuration); variants kept for a study stay opt-in
     default_configs: tuple[str, ...] | None = None
 
@@ -110,7 +127,7 @@ def tracked_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer, st
 
 
 def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_blocks: int, batch_size: int,
-               block_len: int) -> Result:
+               block_len: int, pte_path: Path | None = None) -> Result:
     from qgraph.data import batches, token_blocks, train_heldout_split
     from qgraph.evaluate import perplexity
     from qgraph.memory import peak_rss_bytes, reset_peak_rss
@@ -142,6 +159,9 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
     deployed = bench.deployed(config, module) if bench.deployed is not None else None
     if deployed is not None:
         result.deployed_perplexity = perplexity(lambda ids: logits_of(deployed, ids), heldout, progress=False)
+        if pte_path is not None and bench.pte is not None:
+            figures = bench.pte(config, deployed, heldout, pte_path)
+            result.pte = asdict(figures) if figures is not None else {}
     return result
 
 
@@ -207,28 +227,55 @@ def _settings(timing_steps: int, eval_blocks: int, batch_size: int, block_len: i
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--timing-steps", str(args.timing_steps), "--eval-blocks",
-            str(args.eval_blocks), "--batch-size", str(args.batch_size), "--block-len", str(args.block_len)]
+            str(args.eval_blocks), "--batch-size", str(args.batch_size), "--block-len", str(args.block_len),
+            *(["--pte"] if getattr(args, "pte", False) else [])]
 
 
 def _summary(result: Result) -> str:
     mem = result.memory.get("Total", 0) / 2**30
     deployed = f", deployed ppl {result.deployed_perplexity:.2f}" if result.deployed_perplexity else ""
+    pte = result.pte
+    if pte:
+        deployed += (f", .pte {pte['file_bytes'] / 2**20:.1f} MiB, prefill {pte['prefill_ms']:.0f} ms, "
+                     f"{_pte_parity(pte)} ({pte['note']})" if pte["file_bytes"] else f", .pte: {pte['note']}")
     return (f"tracked peak {mem:.2f} GiB, RSS {result.peak_rss / 2**30:.2f} GiB, step {result.step_seconds:.2f} s, "
             f"ppl {result.perplexity:.2f}{deployed}")
+
+
+def _pte_parity(pte: Mapping) -> str:
+    return f"max abs diff {pte['max_abs_diff']:.3g}, top-1 {pte['top1_agreement']:.1%}"
+
+
+def _pte_cells(r: Result, peer: Result | None, against: str) -> str:
+    """The .pte columns of a row: size, prefill, parity with the deployed module, and both as ratios against
+    the row's peer when the peer has a .pte too; the note instead when no file was written."""
+    pte = r.pte
+    if not pte:
+        return " - | - | - | - |"
+    if not pte["file_bytes"]:  # none written or none run: why, in the parity cell
+        note = pte["note"][:160].replace("|", "\\|")  # a bare | would end the markdown cell
+        return f" - | - | {note} | - |"
+    other = peer.pte if peer is not None and peer is not r else {}
+    ratio = (f"{other['file_bytes'] / pte['file_bytes']:.2f}x smaller, {other['prefill_ms'] / pte['prefill_ms']:.2f}x "
+             f"faster{against}" if other.get("file_bytes") else "-")
+    return f" {pte['file_bytes'] / 2**20:.1f} | {pte['prefill_ms']:.0f} | {_pte_parity(pte)} | {ratio} |"
 
 
 def markdown_table(results: list[Result], peer_name: str, peer_label: str,
                    pairs: Mapping[str, str] | None = None) -> str:
     """The results table. Ratios are against `peer_name`, or for a configuration in `pairs` against its own
-    peer, named in the cell. The deployed-perplexity column appears only when some result measured one, so
-    tables of tools without `deployed` read as before."""
+    peer, named in the cell. The deployed-perplexity column appears only when some result measured one, and the
+    .pte columns only when some result made one, so tables of tools without them read as before."""
     by_name = {r.config: r for r in results}
     pairs = pairs or {}
     with_deployed = any(r.deployed_perplexity for r in results)
+    with_pte = any(r.pte for r in results)
     lines = ["| configuration | steps | tracked peak (GiB) | params+buffers | grads | opt state | activations+temp "
              f"| peak RSS (GiB) | step (s) | memory vs {peer_label} | time vs {peer_label} | held-out ppl |"
-             + (" deployed ppl |" if with_deployed else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_deployed else "")]
+             + (" deployed ppl |" if with_deployed else "")
+             + (" pte MiB | pte prefill (ms) | pte vs deployed | pte vs peer |" if with_pte else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_deployed else "")
+             + ("---:|---:|---|---|" if with_pte else "")]
     for r in results:
         m = r.memory
         gib = lambda n: f"{n / 2**30:.2f}" if m else "-"  # noqa: E731
@@ -242,7 +289,7 @@ def markdown_table(results: list[Result], peer_name: str, peer_label: str,
             f"| {r.config} | {r.steps} | {gib(m.get('Total', 0))} | {gib(m.get('Parameter', 0) + m.get('Buffer', 0))} "
             f"| {gib(m.get('Gradient', 0))} | {gib(m.get('Optstate', 0))} | {gib(m.get('Activation', 0) + m.get('Temp', 0))} "
             f"| {r.peak_rss / 2**30:.2f} | {f'{r.step_seconds:.2f}' if r.step_seconds else '-'} | {mem_ratio} | {time_ratio} "
-            f"| {r.perplexity:.2f} |{deployed}")
+            f"| {r.perplexity:.2f} |{deployed}" + (_pte_cells(r, peer, against) if with_pte else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -292,6 +339,11 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="load a configuration's result from OUT/CONFIG.json when it exists (a long run "
                              "resumed, or configurations run apart with --run); it fails on one run with other flags")
+    if bench.pte is not None:
+        parser.add_argument("--pte", action="store_true",
+                            help="also write each deployed form that has one as OUT/CONFIG.pte (ExecuTorch) and "
+                                 "measure its size, prefill latency and logits against the deployed module "
+                                 "(minutes per export)")
     args = parser.parse_args(argv)
     if args.steps < MEMORY_STEPS + args.timing_steps:
         parser.error(f"--steps must be at least {MEMORY_STEPS + args.timing_steps} "
@@ -299,8 +351,9 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     if args.run:
         if args.json is None:
             parser.error("--run needs --json FILE (where to write the result)")
+        pte_path = args.json.with_suffix(".pte") if getattr(args, "pte", False) else None
         result = run_config(bench, args.run, args.steps, args.timing_steps, args.eval_blocks, args.batch_size,
-                            args.block_len)
+                            args.block_len, pte_path)
         args.json.write_text(json.dumps(asdict(result), indent=2))
         return
     console = Console()

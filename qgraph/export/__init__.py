@@ -27,7 +27,8 @@ import torch
 from rich.console import Console
 
 from qgraph.errors import ExportError, unknown_name_message
-from qgraph.export.check import CheckCase, check_cases, compare, reference_logits, run_in_runtime
+from qgraph.export.check import (CheckCase, check_cases, compare, reference_logits, rounding_floor,
+                                 run_in_runtime)
 from qgraph.export.program import check_exportable, deployable, fp32_bytes
 from qgraph.export.report import ExportReport
 from qgraph.export.target import Artifact, ExportTarget
@@ -147,6 +148,7 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
     if example_inputs is not None:
         cases.append(CheckCase(example["input_ids"], example["attention_mask"]))
     expected = reference_logits(finalized, cases)
+    floor = rounding_floor(finalized, cases, expected)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -157,13 +159,14 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
         runtime = target.runtime_check(artifact, target_opts)
         result = run_in_runtime(runtime.runner, staged, cases, extra_args=list(runtime.runner_args),
                                 allow_qgraph=runtime.allow_qgraph)
-        parity = compare(expected, result.logits, cases)
+        parity = compare(expected, result.logits, cases, floor)
         allowed = parity.allowed(runtime.tolerance, runtime.relative_tolerance)
         if parity.max_abs_diff > allowed:
             raise ExportError(
                 f"{target.name}: the runtime's logits differ from the PyTorch module's by up to "
-                f"{parity.max_abs_diff:.3g} (tolerance {allowed:.3g}; logits range {parity.logits_range:.3g}, "
-                f"top-1 agreement {parity.top1_agreement:.1%}); nothing was written"
+                f"{parity.max_abs_diff:.3g} (tolerance {allowed:.3g}; logits range {parity.logits_range:.3g}; the "
+                f"module against itself with its weights one ulp off: {floor:.3g}; top-1 agreement "
+                f"{parity.top1_agreement:.1%}); nothing was written"
                 + "".join(f"\n  {note}" for note in artifact.notes))
         files = [staged, *artifact.extra_files]
         file_bytes = sum(f.stat().st_size for f in files)

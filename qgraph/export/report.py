@@ -40,11 +40,12 @@ class ExportReport:
             ops.add_row(source, result)
         numbers = Table(title="artifact", title_justify="left")
         for column in ("file", "vs fp32 weights", "export", "load (fresh process)", "max |logits diff|",
-                       "tolerance", "top-1 agreement"):
+                       "PyTorch vs itself ±1 ulp", "tolerance", "top-1 agreement"):
             numbers.add_column(column, justify="right")
         numbers.add_row(format_bytes(self.file_bytes), f"{self.file_bytes / self.fp32_bytes:.2f}x",
                         f"{self.export_seconds:.1f}s", f"{self.load_seconds:.1f}s", f"{self.parity.max_abs_diff:.2e}",
-                        f"{self.tolerance:.0e}", f"{self.parity.top1_agreement:.1%} of {self.parity.positions}")
+                        f"{self.parity.rounding_floor:.2e}", f"{self.tolerance:.2g}",
+                        f"{self.parity.top1_agreement:.1%} of {self.parity.positions}")
         notes = [Text(f"  {note}", style="yellow") for note in self.notes]
         return Group(title, ops, numbers, *notes)
 

@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 import qgraph
-from qgraph.export.check import check_cases, compare, run_in_runtime
+from qgraph.export.check import FLOOR_FACTOR, Parity, check_cases, compare, reference_logits, rounding_floor, run_in_runtime
 from qgraph.export.program import deployable, is_finalized
 from tests.conftest import make_llama
 
@@ -64,6 +64,49 @@ def test_compare_reads_only_real_positions():
     parity = compare(expected, actual, cases)
     assert parity.max_abs_diff == 0.5
     assert parity.positions == 12 + 7 + 7
+
+
+class _Logits(torch.nn.Module):
+    """A stand-in model: logits = embedding, or with `step` the embedding rounded to a grid of that step (a
+    model whose output jumps where its input crosses a grid line, as lrqat-w4a8's int8 activations make it)."""
+
+    def __init__(self, vocab: int, step: float | None = None):
+        super().__init__()
+        weights = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+        if step is not None:  # every weight exactly between two grid lines: one ulp decides where it rounds
+            weights = (torch.floor(weights / step) + 0.5) * step
+        self.embedding = torch.nn.Parameter(weights)
+        self.step = step
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.embedding[input_ids]
+        if self.step is not None:
+            logits = torch.round(logits / self.step) * self.step
+        return type("Output", (), {"logits": logits})()
+
+
+def test_the_rounding_floor_is_near_zero_for_a_smooth_model_and_leaves_it_unchanged():
+    cases = check_cases(16)
+    model = _Logits(16)
+    before = model.embedding.detach().clone()
+    expected = reference_logits(model, cases)
+    floor = rounding_floor(model, cases, expected)
+    assert 0 < floor <= 2 * float(np.abs(np.concatenate([e.ravel() for e in expected])).max()) * 2 ** -23
+    assert torch.equal(model.embedding, before)
+
+
+def test_the_rounding_floor_sees_a_model_that_rounds_its_activations():
+    cases = check_cases(16)
+    model = _Logits(16, step=0.25)
+    floor = rounding_floor(model, cases, reference_logits(model, cases))
+    assert floor == pytest.approx(0.25)  # one ulp of input, one whole step of output
+
+
+def test_the_tolerance_takes_the_largest_of_absolute_relative_and_floor():
+    parity = Parity(max_abs_diff=1.0, logits_range=10.0, top1_agreement=1.0, positions=4, rounding_floor=0.3)
+    assert parity.allowed(1e-4, 0.01) == pytest.approx(FLOOR_FACTOR * 0.3)
+    assert parity.allowed(1e-4, 0.5) == pytest.approx(5.0)
+    assert not Parity(1.0, 10.0, 1.0, 4, rounding_floor=0.0).within(1e-4, 0.01)
 
 
 def _write_runner(path, body: str):
