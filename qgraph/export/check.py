@@ -127,7 +127,7 @@ def rounding_floor(module: QGraphModule, cases: list[CheckCase], expected: list[
             for _ in range(trials):
                 for tensor, original in zip(tensors, originals, strict=True):
                     up = torch.rand(original.shape, generator=generator) < 0.5
-                    toward = torch.where(up, torch.inf, -torch.inf).to(original.dtype)
+                    toward = torch.where(up, torch.inf, -torch.inf).to(original.device, original.dtype)
                     tensor.copy_(torch.nextafter(original, toward))
                 floor = max(floor, compare(expected, reference_logits(module, cases), cases).max_abs_diff)
     finally:
