@@ -53,7 +53,6 @@ LRQAT_VARIANTS = {"lrqat-w4-packed": ("lrqat-w4", {"phi_format": "int-packed"}),
 GROUP_SIZE_8DA4W = 32  # lrqat-w4a8's weight group size, and ExecuTorch's 8da4w default
 PREFILL_TOKENS = 128  # the .pte prefill timed and compared: 1 x 128 held-out tokens, as tools/bench_export.py
 PREFILL_REPEATS = 5  # timed .pte prefills after one warm-up; the median is reported
-INPUT_NAMES = ("input_ids", "attention_mask")  # what both .pte programs take, int64 [batch, seq] each
 
 
 def build(config: str, model: torch.nn.Module):
@@ -162,6 +161,7 @@ def write_qgraph_pte(finalized: torch.nn.Module, path: Path) -> str:
     from qgraph.errors import ExportError
     from qgraph.export import ExportJob
     from qgraph.export.executorch import INT4_LINEAR, TARGET, ExecuTorchOptions
+    from qgraph.export.program import INPUT_NAMES
 
     options = ExecuTorchOptions()
     problem = TARGET.unsupported(finalized, options)
@@ -178,18 +178,17 @@ def write_torchao_pte(model: torch.nn.Module, path: Path) -> str:
     delegated. Raises (nothing written) when a quantized linear is left outside the delegates."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from torch.export import Dim
 
     from qgraph.errors import ExportError
-    from qgraph.export.executorch import ExecuTorchOptions, lowered_op_counts
+    from qgraph.export.executorch import ExecuTorchOptions, dynamic_shapes, lowered_op_counts
+    from qgraph.export.program import INPUT_NAMES
 
     # the bounds qgraph's target uses, so that both programs are planned for the same shapes
     options = ExecuTorchOptions()
-    batch, seq = Dim("batch", min=1, max=options.max_batch), Dim("seq", min=1, max=options.max_seq_len)
     # batch 2 in the example: export would specialize a batch of 1 to a constant
     example = {name: torch.ones(2, options.max_seq_len, dtype=torch.long) for name in INPUT_NAMES}
     exported = torch.export.export(LogitsOnly(model).eval(), (), kwargs=example,
-                                   dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES}, strict=False)
+                                   dynamic_shapes=dynamic_shapes(options), strict=False)
     edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     delegated, outside, calls = lowered_op_counts(edge)
     n_quantized = sum(is_decoder_linear(m, fqn) for fqn, m in model.named_modules())

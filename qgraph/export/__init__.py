@@ -165,7 +165,7 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
             raise ExportError(
                 f"{target.name}: the runtime's logits differ from the PyTorch module's by up to "
                 f"{parity.max_abs_diff:.3g} (tolerance {allowed:.3g}; logits range {parity.logits_range:.3g}; the "
-                f"module against itself with its weights one ulp off: {floor:.3g}; top-1 agreement "
+                f"module against itself with its weights one ulp off: {parity.rounding_floor:.3g}; top-1 agreement "
                 f"{parity.top1_agreement:.1%}); nothing was written"
                 + "".join(f"\n  {note}" for note in artifact.notes))
         files = [staged, *artifact.extra_files]

@@ -8,7 +8,8 @@ import torch
 from rich.console import Console
 
 import qgraph
-from qgraph.export.check import FLOOR_FACTOR, Parity, check_cases, compare, reference_logits, rounding_floor, run_in_runtime
+from qgraph.export.check import (FLOOR_FACTOR, Parity, check_cases, compare, reference_logits, rounding_floor,
+                                 run_in_runtime)
 from qgraph.export.program import deployable, is_finalized
 from tests.conftest import make_llama
 
