@@ -351,14 +351,8 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     taps = [blocks[0].hidden_in, *(block.hidden_out for block in tapped)]
     config = side_config(gm, blocks, len(taps), options)
     masks = [n for n in gm.graph.find_nodes(op="placeholder") if n.target == MASK_INPUT]
-    pruned = pruned_init(gm, tapped, head, config) if options.init == "pruned" else None
-
-    with torch.random.fork_rng(devices=[]):  # built on the CPU from a private stream, then moved
-        torch.manual_seed(options.seed)
-        side = SideNetwork(config)  # gates and upsample stay drawn at random either way
-    if pruned is not None:
-        load_pruned(side, pruned)
-    side = side.to(_device(gm))
+    # a second graph of the model (qgraph.decode) gets this same module
+    side, pruned = context.make_once((PASS_NAME, SIDE_MODULE), lambda: _side_network(gm, tapped, head, config, options))
     gm.add_submodule(SIDE_MODULE, side)
     graph = gm.graph
     with graph.inserting_before(head.node):
@@ -376,6 +370,17 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     if not masks:
         report.notes.append(f"no {MASK_INPUT} input in the graph: the side network treats every token as real")
     return PassResult(gm, modified=True, report=report)
+
+
+def _side_network(gm: fx.GraphModule, tapped: list[Block], head: LinearSite, config: SideConfig,
+                  options: SideTapsOptions) -> tuple[SideNetwork, PrunedInit | None]:
+    pruned = pruned_init(gm, tapped, head, config) if options.init == "pruned" else None
+    with torch.random.fork_rng(devices=[]):  # built on the CPU from a private stream, then moved
+        torch.manual_seed(options.seed)
+        side = SideNetwork(config)  # gates and upsample stay drawn at random either way
+    if pruned is not None:
+        load_pruned(side, pruned)
+    return side.to(_device(gm)), pruned
 
 
 def _init_note(options: SideTapsOptions, pruned: PrunedInit | None, config: SideConfig) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qgraph.capture import capture_info
+from qgraph.capture import capture_info, is_causal_lm_class
 from qgraph.graph import LinearSite, linear_sites
 from qgraph.loss import LMHead
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
@@ -64,7 +64,7 @@ def chunk_lm_loss(gm: fx.GraphModule, context: PassContext, options: ChunkLMLoss
 
 
 def _why_not(model_class: str, head: LinearSite, heads: list[LinearSite]) -> str:
-    if not model_class.endswith("ForCausalLM"):
+    if not is_causal_lm_class(model_class):
         return f"{model_class or 'this model'} is not a causal LM: its loss is not token cross-entropy"
     if len(heads) > 1:
         paths = ", ".join(h.path for h in heads)

@@ -46,19 +46,23 @@ def fold_lrqat(gm: fx.GraphModule, context: PassContext, options: FoldLRQATOptio
                 "(s possibly through qgraph::round_scale; not made by the lrqat pass); fold it by hand or "
                 "re-run lrqat")))
             continue
-        report.records.append(_fold(gm, node, path))
+        report.records.append(_fold(gm, context, node, path))
     return PassResult(gm, modified=bool(report.rewritten), report=report)
 
 
-def _fold(gm: fx.GraphModule, node: fx.Node, path: str) -> SiteRecord:
+def _fold(gm: fx.GraphModule, context: PassContext, node: fx.Node, path: str) -> SiteRecord:
     x, phi0_node, a_node, b_node, scale_arg, bias, bits, group_size, lora_scale, phi_format = node.args
     scale_node = scale_source(scale_arg)
     phi0, lora_a, lora_b, scale = (get_attr_tensor(gm, n.target) for n in (phi0_node, a_node, b_node, scale_node))
     if is_round_scale(scale_arg):  # the value the trained forward multiplied by, not the fp32 parameter
         scale = round_scale_reference(scale.detach(), scale_arg.args[1])
-    codes, folded_scale = fold_lrqat_weight(phi0, lora_a, lora_b, scale, bits, group_size, lora_scale, phi_format)
-    # a buffer of its own: the trained parameter it came from must not share (or keep alive) its storage
-    folded_scale = folded_scale.clone()
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
+        codes, folded = fold_lrqat_weight(phi0, lora_a, lora_b, scale, bits, group_size, lora_scale, phi_format)
+        # a buffer of its own: the trained parameter it came from must not share (or keep alive) its storage
+        return codes, folded.clone()
+
+    codes, folded_scale = context.make_once((PASS_NAME, phi0_node.target), fold)
     out_features, in_features = lora_a.shape[0], lora_b.shape[1]
 
     owner_name, _, phi0_attr = phi0_node.target.rpartition(".")

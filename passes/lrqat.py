@@ -145,7 +145,9 @@ def lrqat(gm: fx.GraphModule, context: PassContext, options: LRQATOptions) -> Pa
         if group_size is None:
             report.records.append(SiteRecord(site.path, SKIPPED, reason=reason))
             continue
-        record, names = _rewrite(gm, site, group_size, options, generator, fallback=site in fallback_set)
+        tensors = context.make_once((PASS_NAME, site.weight_name),
+                                    lambda: _tensors(site_weight(gm, site), site, group_size, options, generator))
+        record, names = _rewrite(gm, site, tensors, group_size, options, fallback=site in fallback_set)
         report.records.append(record)
         trainable.extend(names)
     return PassResult(gm, modified=bool(report.rewritten), report=report)
@@ -186,9 +188,9 @@ def attribute_names(site: LinearSite) -> dict[str, str]:
     return {key: prefix + key for key in (PHI0, LORA_A, LORA_B, SCALE)}
 
 
-def _rewrite(gm: fx.GraphModule, site: LinearSite, group_size: int, options: LRQATOptions,
-             generator: torch.Generator, *, fallback: bool) -> tuple[SiteRecord, list[str]]:
-    weight = site_weight(gm, site)
+def _tensors(weight: torch.Tensor, site: LinearSite, group_size: int, options: LRQATOptions,
+             generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Phi0, A, B and s of one linear, under their attribute names."""
     bits, rank = options.bits, options.rank
     scale0 = init_scale(weight, bits, group_size, options.init, options.p, options.n_candidates)
     if options.rounds_scale:
@@ -203,7 +205,14 @@ def _rewrite(gm: fx.GraphModule, site: LinearSite, group_size: int, options: LRQ
     lora_b = nn.Parameter(lora_b.to(device))
     scale = nn.Parameter(scale0.clone())
     names = attribute_names(site)
-    tensors = {names[PHI0]: phi0, names[LORA_A]: lora_a, names[LORA_B]: lora_b, names[SCALE]: scale}
+    return {names[PHI0]: phi0, names[LORA_A]: lora_a, names[LORA_B]: lora_b, names[SCALE]: scale}
+
+
+def _rewrite(gm: fx.GraphModule, site: LinearSite, tensors: dict[str, torch.Tensor], group_size: int,
+             options: LRQATOptions, *, fallback: bool) -> tuple[SiteRecord, list[str]]:
+    weight = site_weight(gm, site)
+    bits, rank = options.bits, options.rank
+    names = attribute_names(site)
 
     rounded: list[fx.Node] = []
 

@@ -64,14 +64,15 @@ def quantize_nf4(gm: fx.GraphModule, context: PassContext, options: NF4Options) 
                 f"weight {site.weight_name} is also read by {', '.join(tied)} (tied); quantizing it would "
                 "change those too: exclude this site or untie the weights")))
             continue
-        report.records.append(_rewrite(gm, site, options))
+        report.records.append(_rewrite(gm, site, context, options))
     return PassResult(gm, modified=bool(report.rewritten), report=report)
 
 
-def _rewrite(gm: fx.GraphModule, site: LinearSite, options: NF4Options) -> SiteRecord:
+def _rewrite(gm: fx.GraphModule, site: LinearSite, context: PassContext, options: NF4Options) -> SiteRecord:
     weight = site_weight(gm, site)
     bias = site_bias(gm, site)
-    q = quantize_weight(weight, options.blocksize, options.double_quant)
+    q = context.make_once((PASS.name, site.weight_name),
+                          lambda: quantize_weight(weight, options.blocksize, options.double_quant))
     tensors = {"nf4_packed": q.packed, "nf4_absmax": q.absmax, "nf4_code": q.code}
     if q.nested_absmax is not None:
         tensors |= {"nf4_nested_absmax": q.nested_absmax, "nf4_nested_code": q.nested_code, "nf4_offset": q.offset}

@@ -10,6 +10,7 @@ from rich.console import Console
 from torch import nn
 
 from qgraph.capture import capture, capture_info
+from qgraph.decode import decode_recipe
 from qgraph.errors import PlanError, unknown_name_message
 from qgraph.graph import LINEAR_FORMS
 from qgraph.inputs import check_model
@@ -31,6 +32,7 @@ def transform(
     skip: Sequence[str] = (),
     print_after: Sequence[str] = (),
     console: Console | None = None,
+    kv_cache: bool = True,
     **options: Any,
 ) -> QGraphModule:
     """Capture `model`, run `plan`'s passes (with `options` overriding theirs), return the module.
@@ -43,6 +45,11 @@ def transform(
     decoder block in backward); "none" removes them; "blocks" makes each block a region;
     {"every": k, ...} one region per k blocks (any insert_checkpoints option). compile=True runs the
     graph through torch.compile (dynamic shapes: batch and sequence length vary without recompiling).
+
+    kv_cache: a Hugging Face causal LM also gets a KV-cached decode graph, rewritten by the same passes and
+    sharing every tensor with the training graph, which `generate` runs one token per step (qgraph.decode).
+    It is captured at the first generate (from a stand-in of the model that holds no weights), so a transform
+    that only trains pays nothing for it; False: generate recomputes the whole sequence per token.
     """
     plan, steps = resolve_transform(plan, options, checkpoint=checkpoint)
     pass_names = [spec.name for spec, _ in steps]
@@ -58,6 +65,15 @@ def transform(
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
     check_rewrote_linears(plan, report.passes)
 
+    info = capture_info(gm)
+    decode = None
+    if kv_cache and info.is_causal_lm:
+        decode = decode_recipe(model, steps, context.made, max_seq_len=info.max_seq_len, skip=skip)
+        report.decoding = ("KV cache: a decode graph is captured at the first generate and rewritten by the same "
+                           "passes, sharing the training graph's tensors")
+    elif info.is_causal_lm:
+        report.decoding = "no KV cache (kv_cache=False): generate recomputes the whole sequence per token"
+
     trainable = {name for names in context.trainable.values() for name in names}
     freeze_untrained(gm, trainable)
     for param in gm.parameters():
@@ -65,7 +81,8 @@ def transform(
             report.trainable_params += param.numel()
         else:
             report.frozen_params += param.numel()
-    return wrap_graph_module(gm, report, plan, capture_info(gm), compile=compile)  # as the passes left it
+    # the info as the passes left it
+    return wrap_graph_module(gm, report, plan, capture_info(gm), compile=compile, decode_recipe=decode)
 
 
 def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None) -> tuple[Plan, list]:

@@ -47,6 +47,18 @@ class CaptureInfo:
     # state records, so that it is loaded only into the model it was trained on
     weights_digest: str = ""
 
+    @property
+    def is_causal_lm(self) -> bool:
+        """A Hugging Face next-token model (LlamaForCausalLM, GPT2LMHeadModel, ...): its loss is token
+        cross-entropy and it generates."""
+        return self.kind == "hf" and is_causal_lm_class(self.model_class)
+
+
+def is_causal_lm_class(model_class: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_class.endswith("ForCausalLM") or model_class in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
 
 def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.fx.GraphModule:
     """Capture `model` as a GraphModule; `gm.meta["qgraph"]` holds its `CaptureInfo`."""
@@ -57,7 +69,7 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> tor
     try:
         # torch.fx keeps the traced submodules themselves: trace a copy of the module tree (sharing
         # the tensors) so that passes rewriting them never touch the user's modules
-        traced = model if _is_hf_model(model) or example_inputs is not None else _structural_copy(model)
+        traced = model if _is_hf_model(model) or example_inputs is not None else structural_copy(model)
         with _module_tracker(traced) as tracker:
             try:
                 if _is_hf_model(model):
@@ -156,13 +168,13 @@ def _capture_module(model: nn.Module, example_inputs: tuple | dict | None) -> to
     return gm
 
 
-def _structural_copy(module: nn.Module) -> nn.Module:
+def structural_copy(module: nn.Module) -> nn.Module:
     """A copy of the module tree with its own attribute dicts (parameters, buffers, submodules,
     hooks) but the same tensors: cheap, and safe to rewrite."""
     clone = copy.copy(module)
     clone.__dict__ = {key: (type(value)(value) if isinstance(value, dict) else value)
                       for key, value in module.__dict__.items()}
-    clone._modules = {name: _structural_copy(child) if child is not None else None
+    clone._modules = {name: structural_copy(child) if child is not None else None
                       for name, child in module._modules.items()}
     return clone
 

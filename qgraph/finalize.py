@@ -8,11 +8,11 @@ import warnings
 
 from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
-from qgraph.plans import CHECKPOINT_PASS, PassConfig, Plan
+from qgraph.decode import TRAINING_ONLY_PASSES
+from qgraph.plans import PassConfig, Plan
 from qgraph.report import TransformReport
 
 FOLD_PASS = "fold_lrqat"
-TRAINING_ONLY_PASSES = (CHECKPOINT_PASS, "chunk_lm_loss")  # finalize undoes them
 
 
 def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
@@ -44,6 +44,9 @@ def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
     spec = get_pass(FOLD_PASS)
     context = PassContext(example_inputs=qm.info.example_inputs)
     gm, fold_reports = run_pipeline(gm, [(spec, spec.options_type())], context)
+    # the decode graph: qm's recipe and the same fold (to the same codes: context.made), built when first used
+    decode = qm.decode_recipe.then((spec, spec.options_type()), context.made) if getattr(
+        qm, "decode_recipe", None) else None
 
     # the deployable graph has no checkpoint regions left, and its LM head back
     trained = [p for p in qm.plan.passes if p.name not in TRAINING_ONLY_PASSES]
@@ -56,4 +59,5 @@ def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
     for param in gm.parameters():
         param.requires_grad_(False)
         report.frozen_params += param.numel()
-    return wrap_graph_module(gm, report, plan, info, compile=compile)
+    report.decoding = qm.report.decoding
+    return wrap_graph_module(gm, report, plan, info, compile=compile, decode_recipe=decode)

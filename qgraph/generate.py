@@ -1,14 +1,13 @@
-"""Token-by-token decoding through a captured graph: `qm.generate(input_ids, max_new_tokens=...)`.
+"""Token-by-token decoding: `qm.generate(input_ids, max_new_tokens=...)`.
 
-The captured graph has no KV cache (it takes input_ids and attention_mask only), so each step runs it
-on the whole sequence so far and reads the last position's logits (with the head out of the graph,
-chunk_lm_loss, only that position goes through the head). That is quadratic in length but exact: every
-plan's rewrites (a QST side network included) are in the loop as they are in training.
+A module that offers a KV-cached session (`decode_session()`, qgraph.decode: a transformed causal LM) runs
+the prompt once and then one token per step. Any other runs the whole sequence so far at every step and
+reads the last position's logits: quadratic in length, but exact, and the same tokens.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +27,14 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> Tensor:
     """input_ids (B, T) followed by up to `max_new_tokens` tokens each: (B, T + n).
 
     Greedy unless `do_sample` (softmax of logits / temperature, optionally over the top_k only).
     A row that produced `eos_token_id` gets `pad_token_id` (default: the eos id) after it; decoding
     stops early once every row has. The model runs in eval mode and no_grad, and comes back in its mode.
+    use_cache=False recomputes the whole sequence per token even where the model offers a KV cache.
     """
     _check_arguments(model, input_ids, max_new_tokens, temperature, top_k)
     if attention_mask is None:
@@ -44,28 +45,60 @@ def generate(
     model.eval()
     try:
         with torch.no_grad():
-            for _ in range(max_new_tokens):
-                logits = _next_token_logits(model, input_ids, attention_mask).float()
-                token = _pick(logits, do_sample, temperature, top_k, generator)
+            session = _session(model) if use_cache else RecomputeSession(model)
+            logits = session.start(input_ids, attention_mask) if max_new_tokens else None
+            for step in range(max_new_tokens):
+                token = _pick(logits.float(), do_sample, temperature, top_k, generator)
                 if eos_token_id is not None:
                     token = torch.where(finished, torch.full_like(token, pad), token)
                     finished |= token == eos_token_id
                 input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-                attention_mask = torch.cat([attention_mask, torch.ones_like(token[:, None])], dim=1)
-                if bool(finished.all()):
+                if bool(finished.all()) or step == max_new_tokens - 1:
                     break
+                logits = session.step(token)
     finally:
         model.train(was_training)
     return input_ids
 
 
-def _next_token_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    # a transformed Hugging Face model (HFQGraphModule) runs its head on the last position alone; asked by
-    # attribute, not class, because qgraph.module imports this module for its `generate` method
-    next_token_logits = getattr(model, "next_token_logits", None)
-    if next_token_logits is not None:
-        return next_token_logits(input_ids, attention_mask)
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
+class Session(Protocol):
+    """Next-token logits (B, V) for a prompt, then for each token appended to every row."""
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def step(self, tokens: Tensor) -> Tensor: ...
+
+
+def _session(model: nn.Module) -> Session:
+    # asked by attribute, not class: qgraph.module imports this module for its `generate` method
+    decode_session = getattr(model, "decode_session", None)
+    session = decode_session() if decode_session is not None else None
+    return session if session is not None else RecomputeSession(model)
+
+
+class RecomputeSession:
+    """No cache: every step runs the whole sequence so far."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.input_ids: Tensor | None = None
+        self.attention_mask: Tensor | None = None
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        return self._logits()
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(tokens[:, None])], dim=1)
+        return self._logits()
+
+    def _logits(self) -> Tensor:
+        # a transformed Hugging Face model (HFQGraphModule) runs its head on the last position alone
+        next_token_logits = getattr(self.model, "next_token_logits", None)
+        if next_token_logits is not None:
+            return next_token_logits(self.input_ids, self.attention_mask)
+        return self.model(input_ids=self.input_ids, attention_mask=self.attention_mask).logits[:, -1]
 
 
 def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,

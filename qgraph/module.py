@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from qgraph.capture import MAX_BATCH, CaptureInfo
 from qgraph.compile import compile_module
+from qgraph.decode import DecodeGraph, DecodeRecipe, DecodeSession, tie_weights
 from qgraph.errors import QGraphError
 from qgraph.generate import generate
 from qgraph.graph import get_attr_tensor
@@ -62,6 +63,28 @@ class HFQGraphModule(QGraphModule):
     """A transformed Hugging Face model: forward names its arguments as the model's does, so callers
     that read the signature (the HF Trainer keeps only the dataset columns forward accepts) see them."""
 
+    def __init__(self, graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo,
+                 *, compile: bool = False, decode_recipe: DecodeRecipe | None = None) -> None:
+        super().__init__(graph_module, report, plan, info, compile=compile)
+        # Not submodules either: the decode graph's tensors are graph_module's (qgraph.decode); the recipe
+        # builds it on first use, and stays (finalize derives the finalized module's from it)
+        self.__dict__["decode_recipe"] = decode_recipe
+        self.__dict__["_decode_graph"] = None
+
+    @property
+    def kv_cache(self) -> bool:
+        """Whether generate decodes through a KV-cached decode graph (built or still to build)."""
+        return self.decode_recipe is not None
+
+    @property
+    def decode_graph(self) -> DecodeGraph | None:
+        """The KV-cached decode graph (qgraph.decode), built on first use; None where transform made none."""
+        if self._decode_graph is None and self.decode_recipe is not None:
+            self.__dict__["_decode_graph"] = self.decode_recipe.build(self.graph_module)
+            self.report.decoding = (f"KV cache: decode graph built at first use in {self._decode_graph.seconds:.1f}s, "
+                                    "rewritten by the same passes, sharing the training graph's tensors")
+        return self._decode_graph
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **loss_kwargs: Any) -> Any:
         unexpected = set(loss_kwargs) - {"num_items_in_batch"}
@@ -112,7 +135,7 @@ class HFQGraphModule(QGraphModule):
 
     def require_causal_lm(self, what: str) -> None:
         """Raise, naming `what` needs it, unless this is a causal LM (decoding reads next-token logits)."""
-        if not self.info.model_class.endswith("ForCausalLM"):
+        if not self.info.is_causal_lm:
             raise QGraphError(f"{what} a causal language model; this one is a {self.info.model_class} "
                               "(call it for its logits instead)")
 
@@ -128,15 +151,25 @@ class HFQGraphModule(QGraphModule):
         """Bad arguments as errors that name them, not as errors from inside the graph (qgraph.inputs)."""
         check_call(input_ids, attention_mask, labels, vocab_size=getattr(self.info.config, "vocab_size", None),
                    max_batch=MAX_BATCH, max_seq_len=self.info.max_seq_len,
-                   per_token_labels=self.info.model_class.endswith("ForCausalLM"))
+                   per_token_labels=self.info.is_causal_lm)
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Decode with this module in the loop (greedy, or sampling): see `qgraph.generate.generate`."""
+        """Decode with this module in the loop (greedy, or sampling; KV-cached unless use_cache=False): see
+        `qgraph.generate.generate`."""
         return generate(self, input_ids, **kwargs)
+
+    def decode_session(self) -> DecodeSession | None:
+        """A KV-cached generation through the decode graph, or None where transform made none (the report's
+        `decoding` line says why); generate then runs the whole sequence per token."""
+        if self.decode_graph is None:
+            return None
+        tie_weights(self.decode_graph.graph_module, self.graph_module)
+        return DecodeSession(self.decode_graph)
 
 
 def wrap_graph_module(graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo, *,
-         compile: bool = False) -> QGraphModule:
+                      compile: bool = False, decode_recipe: DecodeRecipe | None = None) -> QGraphModule:
     """The module transform and finalize return: HFQGraphModule for a Hugging Face model."""
-    module_class = HFQGraphModule if info.kind == "hf" else QGraphModule
-    return module_class(graph_module, report, plan, info, compile=compile)
+    if info.kind != "hf":
+        return QGraphModule(graph_module, report, plan, info, compile=compile)
+    return HFQGraphModule(graph_module, report, plan, info, compile=compile, decode_recipe=decode_recipe)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -22,6 +22,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from qgraph.errors import VerificationError
 from qgraph.report import PassReport
 
+T = TypeVar("T")
+
 
 @dataclass
 class PassContext:
@@ -30,6 +32,16 @@ class PassContext:
 
     example_inputs: dict[str, Any]
     trainable: dict[str, list[str]] = field(default_factory=dict)
+    # What passes made for one graph of a model, by key, for a second graph of the same model to take as
+    # it is (qgraph.decode runs the plan again on the KV-cached graph): shared, both graphs hold the same
+    # tensors and modules, and the second run quantizes and searches nothing again.
+    made: dict[Any, Any] = field(default_factory=dict)
+
+    def make_once(self, key: Any, make: Callable[[], T]) -> T:
+        """`make()`, or what it returned when a pass sharing `made` asked under the same key."""
+        if key not in self.made:
+            self.made[key] = make()
+        return self.made[key]
 
 
 @dataclass

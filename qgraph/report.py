@@ -69,6 +69,7 @@ class TransformReport:
     capture_seconds: float = 0.0
     trainable_params: int = 0
     frozen_params: int = 0
+    decoding: str = ""  # how generate decodes: with the KV-cached graph (qgraph.decode) or without, and why
 
     def __getitem__(self, name: str) -> PassReport:
         for report in self.passes:
@@ -83,6 +84,8 @@ class TransformReport:
             f"frozen {self.frozen_params:,} parameters",
         )]
         parts.append(_summary_table(self.passes))
+        if self.decoding:
+            parts.append(Text(f"  {self.decoding}", style="dim" if self.decoding.startswith("KV") else "yellow"))
         for report in self.passes:
             if report.records:
                 parts.append(_site_table(report))

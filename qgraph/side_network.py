@@ -14,7 +14,9 @@ backbone's family, so one side network serves Llama, Qwen2, Mistral and GPT-2 ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -120,6 +122,24 @@ def rotate(x: Tensor, rotary: Rotary) -> Tensor:
     return torch.cat((x1 * rotary.cos - x2 * rotary.sin, x2 * rotary.cos + x1 * rotary.sin), dim=-1)
 
 
+@dataclass
+class SideCache:
+    """What a decoding side network keeps between calls (qgraph.decode): the attention mask of every token
+    it has read, and each block's rotated keys and values, (B, heads, tokens, head_dim)."""
+
+    mask: Tensor | None = None
+    keys: dict[int, Tensor] = field(default_factory=dict)
+    values: dict[int, Tensor] = field(default_factory=dict)
+
+    def extend(self, block: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The block's keys and values so far with the new ones appended (and kept)."""
+        if block in self.keys:
+            keys = torch.cat([self.keys[block], keys], dim=2)
+            values = torch.cat([self.values[block], values], dim=2)
+        self.keys[block], self.values[block] = keys, values
+        return keys, values
+
+
 class SideAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -127,9 +147,12 @@ class SideAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor, cache: SideCache | None = None,
+                block: int = 0) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, rotary), rotate(k, rotary)
+        if cache is not None:
+            k, v = cache.extend(block, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.out(y.transpose(1, 2).flatten(-2))
 
@@ -153,8 +176,9 @@ class SideBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.width, eps=NORM_EPS)
         self.mlp = SideMLP(config.width, config.ffn_width)
 
-    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, allowed)
+    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor, cache: SideCache | None = None,
+                block: int = 0) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, allowed, cache, block)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -203,6 +227,17 @@ class SideNetwork(nn.Module):
         self.norm = nn.RMSNorm(config.width, eps=NORM_EPS)
         self.upsample = nn.Linear(config.width, config.backbone_width)
         self.mix = nn.Parameter(torch.ones(()))
+        self._cache: SideCache | None = None  # set only while decoding (see `decoding`)
+
+    @contextlib.contextmanager
+    def decoding(self, cache: SideCache) -> Iterator[None]:
+        """Calls inside read the tokens before theirs from `cache` and add theirs to it: a KV-cached decode
+        step gives the side network the new tokens' taps and mask only (qgraph.decode)."""
+        self._cache = cache
+        try:
+            yield
+        finally:
+            self._cache = None
 
     def side_output(self, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
         """upsample(norm(h_gN)) from the backbone's taps (B, T, d), in the side network's dtype."""
@@ -211,13 +246,17 @@ class SideNetwork(nn.Module):
         dtype = self.upsample.weight.dtype
         if attention_mask is None:
             attention_mask = torch.ones(taps[0].shape[:2], dtype=torch.long, device=taps[0].device)
-        rotary = rotary_tables(positions_from_mask(attention_mask), self.config.head_dim, dtype)
-        allowed = attention_allowed(attention_mask)
+        cache, new = self._cache, taps[0].shape[1]
+        if cache is not None:  # the new tokens' rows of the whole sequence's positions and mask
+            attention_mask = attention_mask if cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
+            cache.mask = attention_mask
+        rotary = rotary_tables(positions_from_mask(attention_mask)[:, -new:], self.config.head_dim, dtype)
+        allowed = attention_allowed(attention_mask)[:, :, -new:]
         h = self.downsamples[0](taps[0].to(dtype))
         gates = torch.sigmoid(self.gates)
         for i, block in enumerate(self.blocks):
             down = self.downsamples[i + 1](taps[i + 1].to(dtype))
-            h = (1 - gates[i]) * down + gates[i] * block(h, rotary, allowed)
+            h = (1 - gates[i]) * down + gates[i] * block(h, rotary, allowed, cache, i)
         return self.upsample(self.norm(h))
 
     def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:

@@ -90,7 +90,7 @@ def to_bnb_nf4(model: nn.Module, names: list[str]) -> None:
     for name in names:
         linear = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+                                  compute_dtype=linear.weight.dtype, compress_statistics=True, quant_type="nf4")
         layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False, compress_statistics=True,
                                          quant_type="nf4", blocksize=64)
         if linear.bias is not None:

@@ -22,6 +22,7 @@ from torch import Tensor, fx
 
 from qgraph.errors import ExportError
 from qgraph.export.program import LogitsProgram
+from qgraph.graph import graph_copy
 from qgraph.ops.act_quant import fake_quant_per_token_reference
 from qgraph.module import QGraphModule
 
@@ -123,11 +124,8 @@ def decompose_qgraph_ops(gm: fx.GraphModule) -> fx.GraphModule:
     The graph is copied, not changed in place: the finalized module keeps its fused ops. Raises ExportError
     naming a qgraph op that has no decomposition (a new op must get one here).
     """
-    graph = fx.Graph()
-    output_value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(output_value, type_expr=old_output.type)
-    # the unlifted module's pytree calling convention, shared (deepcopy would copy it to no purpose)
-    graph.set_codegen(gm.graph._codegen)
+    copied = graph_copy(gm)
+    graph = copied.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
                 or node.target.namespace != "qgraph":
@@ -137,8 +135,8 @@ def decompose_qgraph_ops(gm: fx.GraphModule) -> fx.GraphModule:
                               "a finalized module (qgraph.finalize), whose graph holds only deployable ops")
         node.target = DECOMPOSITIONS[node.target][0]
     graph.lint()
-    # GraphModule(root, graph) takes the attributes and submodules the graph reads from root, by reference
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copied.recompile()
+    return copied
 
 
 def aten_program(module: QGraphModule) -> LogitsProgram:

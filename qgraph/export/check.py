@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ class RuntimeResult:
     logits: list[np.ndarray]
     load_seconds: float
     run_seconds: list[float]
+    tokens: list[np.ndarray] = field(default_factory=list)  # greedy tokens per case, when asked (--generate N)
 
 
 # A runtime computing the same model in its own (correct) float arithmetic may differ from PyTorch by this
@@ -175,7 +176,9 @@ def run_in_runtime(runner: Path, artifact: Path, cases: list[CheckCase], *, extr
                               f"(exit {done.returncode}):\n{tail}")
         with np.load(outputs) as data:
             logits = [data[f"logits_{i}"] for i in range(len(cases))]
-            return RuntimeResult(logits, float(data["load_seconds"]), [float(s) for s in data["run_seconds"]])
+            tokens = [data[f"tokens_{i}"] for i in range(len(cases))] if "tokens_0" in data.files else []
+            return RuntimeResult(logits, float(data["load_seconds"]), [float(s) for s in data["run_seconds"]],
+                                 tokens)
 
 
 def load_runner(runner: Path) -> tuple:

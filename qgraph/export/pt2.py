@@ -7,6 +7,14 @@ process with torch, qgraph or not:
     program = torch.export.load("model.pt2").module()
     logits = program(input_ids=ids, attention_mask=mask)
 
+`decode=True` writes the KV-cached decode graph instead (qgraph.decode), so that the file generates one token
+per step as `qm.generate` does:
+
+    logits, *present = program(input_ids, attention_mask, past_attention_mask, position_ids, past)
+
+(past/present: [k_0, v_0, k_1, v_1, ...], each (batch, kv_heads, tokens, head_dim); a prompt's past is one
+zero slot that past_attention_mask hides; runners/_decoding.py is the loop.)
+
 `keep_ops=True` saves the finalized graph as it is, fused qgraph ops included. Such a file deserializes
 only where qgraph has registered its ops, so `import qgraph` must come before `torch.export.load`; the
 check's runner does that (and only that) for it. It is for moving a model between qgraph processes, not
@@ -21,10 +29,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from qgraph.errors import ExportError
-from qgraph.export.aten import aten_program, op_mapping, qgraph_op_counts
+from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
+from qgraph.decode import signature_args, tie_weights
+from qgraph.export.aten import aten_program, decompose_qgraph_ops, op_mapping, qgraph_op_counts
 from qgraph.export.program import LogitsProgram, dynamic_shapes
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.module import QGraphModule
+from qgraph.side_network import SIDE_MODULE
 
 if TYPE_CHECKING:
     from qgraph.export import ExportJob
@@ -36,10 +47,22 @@ IMPORT_QGRAPH_FLAG = "--import-qgraph"
 @dataclass(frozen=True)
 class Pt2Options:
     keep_ops: bool = False  # keep the fused qgraph ops (the file then loads only where qgraph is imported)
+    decode: bool = False  # the KV-cache signature (qgraph.decode) instead of (input_ids, attention_mask) -> logits
 
 
 def unsupported(module: QGraphModule, options: Pt2Options) -> str | None:
-    """Every plan fits: each qgraph op a finalized graph holds has an aten decomposition."""
+    """Every plan fits (each qgraph op a finalized graph holds has an aten decomposition); decode=True needs the
+    module's decode graph, without a QST side network (its cache lives outside the graph)."""
+    return decode_unsupported(module) if options.decode else None
+
+
+def decode_unsupported(module: QGraphModule) -> str | None:
+    """Why `module` has no exportable KV-cache signature, or None."""
+    if module.decode_graph is None:
+        return "decode=True needs the module's KV-cached decode graph, which this one lacks; transform with kv_cache=True"
+    if hasattr(module.decode_graph.graph_module, SIDE_MODULE):
+        return ("decode=True: a QST side network keeps its own cache outside the decode graph, so the file could "
+                "not carry it; export without decode")
     return None
 
 
@@ -58,6 +81,21 @@ def exported_program(module: QGraphModule, example_inputs: dict[str, torch.Tenso
     return exported
 
 
+def decode_program(module: QGraphModule) -> torch.export.ExportedProgram:
+    """The KV-cache signature's program of a finalized module (aten ops only), batch, new and past tokens
+    dynamic."""
+    decode = module.decode_graph
+    tie_weights(decode.graph_module, module.graph_module)
+    exported = torch.export.export(decompose_qgraph_ops(decode.graph_module), signature_args(decode.example_inputs),
+                                   dynamic_shapes=decode_dynamic_shapes(decode.cache, module.info.max_seq_len), strict=False)
+    left = qgraph_op_counts(exported.graph)
+    if left:
+        raise ExportError(f"qgraph ops survived the aten decomposition: {dict(left)}; each needs an entry in "
+                          "qgraph.export.aten.DECOMPOSITIONS")
+    drop_stack_traces(exported)
+    return exported
+
+
 def drop_stack_traces(exported: torch.export.ExportedProgram) -> None:
     """Remove each node's Python stack trace: a third of a small model's file, and this machine's paths."""
     for node in exported.graph.nodes:
@@ -67,8 +105,13 @@ def drop_stack_traces(exported: torch.export.ExportedProgram) -> None:
 def write(job: ExportJob) -> Artifact:
     """torch.export.save the program to job.path."""
     options: Pt2Options = job.options
-    torch.export.save(exported_program(job.module, job.example_inputs, keep_ops=options.keep_ops), job.path)
     notes = []
+    if options.decode:
+        program = decode_program(job.module)
+        notes.append("decode: the file takes and returns the KV cache (qgraph.decode's signature)")
+    else:
+        program = exported_program(job.module, job.example_inputs, keep_ops=options.keep_ops)
+    torch.export.save(program, job.path)
     if options.keep_ops:
         notes.append("keep_ops: the file holds qgraph's ops and loads only after `import qgraph`")
     return Artifact(op_mapping=op_mapping(job.module.graph_module.graph, keep_ops=options.keep_ops), notes=notes,

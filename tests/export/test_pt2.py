@@ -168,3 +168,29 @@ def test_keep_ops_saves_the_fused_ops_which_load_only_after_importing_qgraph(tmp
     # without the runner's --import-qgraph flag, a process without qgraph cannot load it
     with pytest.raises(qgraph.ExportError, match=r"could not run model\.pt2(.|\n)*error when deserializing"):
         run_in_runtime(TARGET.runner_path, tmp_path / "model.pt2", check_cases(256))
+
+
+# --- the KV-cache signature (decode=True) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan", ["lrqat-w4", "nf4"])
+def test_a_decode_file_generates_the_tokens_qm_generates_in_a_fresh_process(tmp_path, plan):
+    fin = finalized("llama", plan, layers=2)
+    path = qgraph.export.export_report(fin, tmp_path / "model.pt2", decode=True, console=quiet()).path
+    cases = check_cases(int(fin.info.config.vocab_size))
+    result = run_in_runtime(TARGET.runner_path, path, cases, extra_args=["--generate", "16"])
+    for case, tokens in zip(cases, result.tokens):
+        expected = fin.generate(case.input_ids, attention_mask=case.attention_mask, max_new_tokens=16)
+        assert tokens.shape == (case.input_ids.shape[0], 16)
+        assert torch.equal(torch.from_numpy(tokens), expected[:, case.input_ids.shape[1]:])
+    program = torch.export.load(path)
+    assert "past_attention_mask" in program.graph_signature.user_inputs
+    assert op_namespaces(program.graph) == {"aten"}
+
+
+def test_decode_needs_a_decode_graph_without_a_side_network():
+    qst = qgraph.transform(tiny_causal_lm("llama", layers=1), "qst-nf4")
+    assert "side network keeps its own cache" in TARGET.unsupported(qst, Pt2Options(decode=True))
+    bare = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4", kv_cache=False)
+    assert "kv_cache=True" in TARGET.unsupported(bare, Pt2Options(decode=True))
+    assert TARGET.unsupported(bare, Pt2Options()) is None

@@ -1,0 +1,219 @@
+"""The KV-cached decode graph (qgraph.decode): the same tokens and logits as the uncached path, from
+tensors shared with the training graph."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qgraph
+from qgraph.decode import DecodeSession
+from qgraph.errors import QGraphError
+from qgraph.generate import RecomputeSession
+from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
+from qgraph.side_network import side_network
+from tests.conftest import random_ids
+from tests.test_generate import nf4_decoded
+
+FAMILIES = ["llama", "gpt2", "qwen2", "mistral", "gemma", "phi3", "qwen3"]
+
+
+def left_padded(batch: int, length: int, pads: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = random_ids((batch, length), seed=seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
+def uncached(qm: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    return qm.generate(ids, use_cache=False, **kwargs)
+
+
+def step_logits(session, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        logits = [session.start(ids, mask)]
+        logits += [session.step(token) for token in tokens.T]
+    return logits
+
+
+def assert_same_steps(qm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int = 6) -> None:
+    """Every step's next-token logits, cached against recomputed, on the same forced tokens."""
+    tokens = random_ids((ids.shape[0], steps), seed=9)
+    cached = step_logits(qm.decode_session(), ids, mask, tokens)
+    recomputed = step_logits(RecomputeSession(qm), ids, mask, tokens)
+    for step, (got, expected) in enumerate(zip(cached, recomputed)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_steps_equal_recomputed_steps_in_every_family(family):
+    qm = qgraph.transform(tiny_causal_lm(family, layers=2), "nf4").eval()
+    ids, mask = left_padded(3, 7, [0, 2, 5])
+    assert_same_steps(qm, ids, mask)
+    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=8),
+                       uncached(qm, ids, attention_mask=mask, max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """lrqat-w4 and qst-nf4 on a tiny Llama, a few steps trained so A, B, the scales and the side network
+    all matter."""
+    modules = {}
+    for plan, options in [("lrqat-w4", {}), ("qst-nf4", {"r": 4}), ("lrqat-w4a8", {"group_size": 32})]:
+        qm = qgraph.transform(tiny_causal_lm("llama", layers=2), plan, **options)
+        optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=3e-2)
+        ids = random_ids((4, 24), seed=0)
+        for _ in range(5):
+            qm(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        modules[plan] = qm.eval()
+    return modules
+
+
+@pytest.mark.parametrize("plan", ["lrqat-w4", "qst-nf4", "lrqat-w4a8"])
+def test_trained_modules_decode_with_the_cache_as_without(trained, plan):
+    qm = trained[plan]
+    ids, mask = left_padded(2, 9, [0, 3], seed=1)
+    assert_same_steps(qm, ids, mask)
+    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=10),
+                       uncached(qm, ids, attention_mask=mask, max_new_tokens=10))
+
+
+def test_the_side_network_is_in_the_cached_loop(trained):
+    qm = trained["qst-nf4"]
+    assert side_network(qm).mix.item() < 0.95
+    assert qm.decode_graph.graph_module.qst_side is side_network(qm)
+    prompt = random_ids((2, 6), seed=2)
+    backbone = qgraph.transform(tiny_causal_lm("llama", layers=2), "nf4")
+    assert not torch.equal(qm.generate(prompt, max_new_tokens=10), backbone.generate(prompt, max_new_tokens=10))
+
+
+def storages(module: nn.Module) -> dict[int, int]:
+    """Every non-empty storage a module's parameters and buffers use, by address."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+
+
+@pytest.mark.parametrize("plan", ["nf4", "lrqat-w4", "qst-nf4"])
+def test_the_decode_graph_holds_no_tensor_of_its_own(plan):
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), plan)
+    train, decode = storages(qm.graph_module), storages(qm.decode_graph.graph_module)
+    assert set(decode) <= set(train)
+    trainable = {id(p) for p in qm.trainable_parameters()}
+    assert trainable <= {id(p) for p in qm.decode_graph.graph_module.parameters()}
+    assert len(qm.state_dict()) == len(qm.graph_module.state_dict())  # not registered twice
+
+
+def test_training_moves_what_decoding_reads():
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4")
+    prompt = random_ids((1, 6), seed=3)
+    before = qm.decode_session().start(prompt, torch.ones_like(prompt))
+    optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=5e-2)
+    ids = random_ids((4, 16), seed=4)
+    for _ in range(3):
+        qm(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        after = qm.decode_session().start(prompt, torch.ones_like(prompt))
+        expected = qm.eval().next_token_logits(prompt)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_greedy_equals_transformers_cached_generate_on_the_decoded_weights():
+    model = tiny_causal_lm("llama", layers=2)
+    qm = qgraph.transform(model, "nf4")
+    ref = copy.deepcopy(model)
+    for name, module in ref.named_modules():
+        if isinstance(module, nn.Linear) and ".layers." in name:
+            module.weight.data = nf4_decoded(module.weight.data)
+    ref.generation_config.eos_token_id = None
+    prompt = random_ids((2, 8), seed=5)
+    with torch.no_grad():
+        theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                              use_cache=True, pad_token_id=0)
+    assert torch.equal(qm.generate(prompt, max_new_tokens=12), theirs)
+
+
+def test_a_finalized_module_decodes_its_folded_weights_with_the_cache(trained):
+    fin = qgraph.finalize(trained["lrqat-w4"])
+    counts = {str(n.target) for n in fin.decode_graph.graph_module.graph.nodes if n.op == "call_function"}
+    assert "qgraph.int4_linear.default" in counts and "qgraph.lrqat_linear.default" not in counts
+    assert set(storages(fin.decode_graph.graph_module)) <= set(storages(fin.graph_module))
+    ids, mask = left_padded(2, 7, [1, 0], seed=6)
+    assert_same_steps(fin, ids, mask)
+    prompt = random_ids((2, 6), seed=7)
+    assert torch.equal(fin.generate(prompt, max_new_tokens=8), trained["lrqat-w4"].generate(prompt, max_new_tokens=8))
+
+
+def test_sampling_draws_the_same_tokens_with_the_cache(trained):
+    qm = trained["qst-nf4"]
+    prompt = random_ids((2, 5), seed=8)
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20)
+    cached = qm.generate(prompt, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(cached, uncached(qm, prompt, generator=torch.Generator().manual_seed(1), **kwargs))
+
+
+def test_the_decode_graph_is_built_at_first_use_and_the_report_says_so():
+    model = tiny_causal_lm("llama", layers=1)
+    qm = qgraph.transform(model, "nf4")
+    assert qm.kv_cache and qm._decode_graph is None and "captured at the first generate" in qm.report.decoding
+    assert isinstance(qm.decode_session(), DecodeSession)
+    assert "built at first use" in qm.report.decoding
+    without = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4", kv_cache=False)
+    assert without.decode_graph is None and "no KV cache (kv_cache=False)" in without.report.decoding
+    classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1), "nf4")
+    assert classifier.decode_graph is None and classifier.report.decoding == ""
+
+
+@pytest.mark.parametrize("plan", ["lrqat-w4", "qst-nf4"])
+def test_the_recipe_holds_no_tensor_data(plan):
+    model = tiny_causal_lm("llama", layers=2)
+    recipe = qgraph.transform(model, plan).decode_recipe
+    tensors = [*recipe.model.parameters(), *recipe.model.buffers()]
+    tensors += [t for value in recipe.made.values() for t in torch.utils._pytree.tree_leaves(value)
+                if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.untyped_storage().nbytes() <= t.element_size() for t in tensors)
+    assert model.model.layers[0].self_attn.q_proj.weight.stride() != (0, 0)  # the user's model is untouched
+
+
+def test_a_finalized_module_outlives_its_source_and_still_decodes_cached():
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4")
+    prompt = random_ids((2, 5), seed=10)
+    expected = qm.generate(prompt, max_new_tokens=6, use_cache=False)
+    fin = qgraph.finalize(qm)
+    del qm
+    assert torch.equal(fin.generate(prompt, max_new_tokens=6), expected)
+
+
+def test_gpt2_is_a_causal_lm_that_generates():
+    qm = qgraph.transform(tiny_causal_lm("gpt2", layers=1), "nf4")
+    assert qm.info.is_causal_lm
+    assert qm.generate(random_ids((1, 4)), max_new_tokens=3).shape == (1, 7)
+
+
+def test_a_step_before_the_prompt_is_an_error():
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4")
+    with pytest.raises(QGraphError, match="step before start"):
+        qm.decode_session().step(torch.tensor([3]))
+
+
+@pytest.fixture(scope="module")
+def qst_module(trained):
+    return trained["qst-nf4"]
+
+
+@settings(max_examples=12, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(1, 3), length=st.integers(1, 12), data=st.data())
+def test_padding_and_prompt_length_never_change_the_tokens(qst_module, batch, length, data):
+    pads = [data.draw(st.integers(0, length - 1), label=f"pad {row}") for row in range(batch)]
+    ids, mask = left_padded(batch, length, pads, seed=length)
+    assert_same_steps(qst_module, ids, mask, steps=3)

@@ -1,0 +1,267 @@
+"""Speed, side by side in one process: training steps in fp32 and bf16 against the peers, and greedy generation
+against transformers (issue 15's table).
+
+    python tools/bench_speed.py --out out/bench_speed
+
+Every configuration is built first; then each round times one step (or one generation) of every configuration
+in turn, so the machine's drift between processes and over minutes falls on all of them alike. Each figure
+is the median over the timed rounds, after one untimed warm-up round; ratios are quoted as "x faster" than
+the peer named in the row, with the issue's target beside them (checked here, not in tests).
+
+Training (SmolLM2-135M, batch x block tokens of the pydoc text, AdamW): lrqat-w4 (qgraph), torchao's
+full-model QAT (IntxFakeQuantizeConfig int4 per channel), qst-nf4 (qgraph), PEFT + bitsandbytes QLoRA (r=16,
+every decoder linear), each with the model loaded in float32 and in bfloat16 (bitsandbytes computing in the
+model's dtype).
+Generation: the same prompt (prompt tokens of the held-out text) and greedy new tokens from qgraph's nf4
+module (KV-cached decode graph) and transformers + bitsandbytes NF4 `generate`; from qgraph's finalized
+lrqat-w4 (int4) and transformers' float32 `generate`; qgraph's nf4 without its KV cache for scale. Each pair
+must produce the same tokens; the table says whether it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from benchlib import SEED, train_step  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAIN_CONFIGS = ("lrqat-w4", "torchao-qat", "qst-nf4", "qlora")
+GEN_CONFIGS = ("qgraph-nf4", "transformers-bnb-nf4", "qgraph-int4", "transformers-fp32", "qgraph-nf4-nocache")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One row of the issue's table: `config` against `peer`, "x faster" (time ratio), at least `least`."""
+
+    label: str
+    config: str
+    peer: str
+    least: float
+
+
+TARGETS = (
+    Target("lrqat-w4 bf16 vs fp32 step", "lrqat-w4/bf16", "lrqat-w4/fp32", 2.5),
+    Target("lrqat-w4 bf16 vs torchao QAT bf16", "lrqat-w4/bf16", "torchao-qat/bf16", 2.0),
+    Target("qst-nf4 vs QLoRA, bf16", "qst-nf4/bf16", "qlora/bf16", 2.0),
+    Target("qst-nf4 vs QLoRA, fp32", "qst-nf4/fp32", "qlora/fp32", 1.8),
+    Target("nf4 greedy generation vs transformers + bitsandbytes", "qgraph-nf4", "transformers-bnb-nf4", 1.0),
+    Target("finalized int4 generation vs transformers fp32 generate", "qgraph-int4", "transformers-fp32", 1.0),
+)
+SAME_TOKENS = {"qgraph-nf4": "transformers-bnb-nf4", "qgraph-int4": "qgraph-int4-uncached-reference",
+               "qgraph-nf4-nocache": "qgraph-nf4"}
+
+
+@dataclass
+class Report:
+    settings: dict[str, int | str]
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # per configuration, one per timed round
+    same_tokens: dict[str, bool] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def median(self, config: str) -> float:
+        return statistics.median(self.seconds[config])
+
+
+# --- building ---------------------------------------------------------------------------------------------
+
+
+def smollm2(dtype: torch.dtype) -> torch.nn.Module:
+    from qgraph.models import load_smollm2
+
+    model, _ = load_smollm2(progress=False)
+    return model.to(dtype)
+
+
+def build_training(config: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    import qgraph
+    from bench_lrqat import torchao_qat
+    from bench_qst import lora
+    from qgraph.side_network import SIDE_NETWORK_LR
+
+    model = smollm2(dtype)
+    if config == "lrqat-w4":
+        qm = qgraph.transform(model, "lrqat-w4", kv_cache=False)
+        return qm, torch.optim.AdamW(qgraph.param_groups(qm, lr_ab=1e-3, lr_s=1e-5), betas=(0.9, 0.95))
+    if config == "qst-nf4":
+        qm = qgraph.transform(model, "qst-nf4", kv_cache=False)
+        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95),
+                                     weight_decay=0.0)
+    if config == "torchao-qat":
+        return torchao_qat(model, checkpointing=False)
+    if config == "qlora":
+        return lora(model, quantize=True, checkpointing=False)
+    raise ValueError(f"unknown training configuration {config!r}; choose from {', '.join(TRAIN_CONFIGS)}")
+
+
+def build_generators(prompt: torch.Tensor, new_tokens: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """Configuration -> a call that generates `new_tokens` greedy tokens after `prompt` (1, T)."""
+    import qgraph
+    from bench_qst import decoder_linears, to_bnb_nf4
+
+    mask = torch.ones_like(prompt)
+    nf4 = qgraph.transform(smollm2(torch.float32), "nf4")
+    lrqat = qgraph.transform(smollm2(torch.float32), "lrqat-w4")
+    int4 = qgraph.finalize(lrqat)  # its decode graph is built from lrqat's, which must live until then
+    bnb_model = smollm2(torch.float32)
+    to_bnb_nf4(bnb_model, decoder_linears(bnb_model))
+    fp32_model = smollm2(torch.float32)
+
+    def hf(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        model.eval()
+        return lambda: model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, use_cache=True, pad_token_id=0)
+
+    def qgraph_generate(qm: torch.nn.Module, use_cache: bool = True) -> Callable[[], torch.Tensor]:
+        return lambda: qm.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, use_cache=use_cache)
+
+    return {
+        "qgraph-nf4": qgraph_generate(nf4),
+        "transformers-bnb-nf4": hf(bnb_model),
+        "qgraph-int4": qgraph_generate(int4),
+        "qgraph-int4-uncached-reference": qgraph_generate(int4, use_cache=False),
+        "transformers-fp32": hf(fp32_model),
+        "qgraph-nf4-nocache": qgraph_generate(nf4, use_cache=False),
+    }
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+
+def timed(call: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = call()
+    return time.perf_counter() - start, out
+
+
+def training_rounds(report: Report, args: argparse.Namespace, progress: Progress) -> None:
+    from qgraph.data import batches, token_blocks, train_heldout_split
+    from qgraph.models import load_smollm2
+
+    _, tokenizer = load_smollm2(progress=False)
+    train_text, _ = train_heldout_split()
+    blocks = token_blocks(train_text, tokenizer, args.block_len)
+    stream = list(batches(blocks, args.batch_size, seed=SEED, steps=args.rounds + 1))
+    modules = {}
+    task = progress.add_task("building training configurations", total=len(args.train) * len(args.dtypes))
+    for dtype_name in args.dtypes:
+        for config in args.train:
+            torch.manual_seed(SEED)
+            modules[f"{config}/{dtype_name}"] = build_training(config, DTYPES[dtype_name])
+            progress.advance(task)
+    task = progress.add_task("training steps, every configuration in turn", total=len(stream) * len(modules))
+    for round_index, input_ids in enumerate(stream):
+        for name, (module, optimizer) in modules.items():
+            module.train()
+            seconds, _ = timed(lambda: train_step(module, optimizer, input_ids))
+            if round_index:  # round 0 warms up (allocator, first-call caches)
+                report.seconds.setdefault(name, []).append(seconds)
+            progress.advance(task)
+    modules.clear()
+    gc.collect()
+
+
+def generation_rounds(report: Report, args: argparse.Namespace, progress: Progress) -> None:
+    from qgraph.data import token_blocks, train_heldout_split
+    from qgraph.models import load_smollm2
+
+    _, tokenizer = load_smollm2(progress=False)
+    _, heldout_text = train_heldout_split()
+    prompt = token_blocks(heldout_text, tokenizer, args.prompt_tokens)[0][None]
+    task = progress.add_task("building generation configurations", total=1)
+    generators = build_generators(prompt, args.new_tokens)
+    progress.advance(task)
+    outputs: dict[str, torch.Tensor] = {}
+    task = progress.add_task("greedy generation, every configuration in turn",
+                             total=(args.gen_rounds + 1) * len(generators))
+    with torch.no_grad():
+        for round_index in range(args.gen_rounds + 1):
+            for name, generate in generators.items():
+                seconds, outputs[name] = timed(generate)
+                if round_index:
+                    report.seconds.setdefault(name, []).append(seconds)
+                progress.advance(task)
+    for name, reference in SAME_TOKENS.items():
+        if name in outputs and reference in outputs:
+            report.same_tokens[name] = torch.equal(outputs[name], outputs[reference])
+
+
+# --- the table --------------------------------------------------------------------------------------------
+
+
+def tokens_per_second(report: Report, config: str) -> float:
+    return int(report.settings["new_tokens"]) / report.median(config)
+
+
+def markdown_table(report: Report) -> str:
+    rows = ["| row | configuration | peer | configuration (s) | peer (s) | x faster | target | met |",
+            "|---|---|---|---:|---:|---:|---:|---|"]
+    for target in TARGETS:
+        if target.config not in report.seconds or target.peer not in report.seconds:
+            continue
+        mine, theirs = report.median(target.config), report.median(target.peer)
+        ratio = theirs / mine
+        same = report.same_tokens.get(target.config)
+        met = "yes" if ratio >= target.least and same is not False else "no"
+        if same is False:
+            met += " (different tokens)"
+        rows.append(f"| {target.label} | {target.config} | {target.peer} | {mine:.3f} | {theirs:.3f} | "
+                    f"{ratio:.2f}x | >= {target.least:g}x | {met} |")
+    generation = [c for c in GEN_CONFIGS if c in report.seconds]
+    if generation:
+        rows += ["", "| generation | tokens/s | same tokens as |", "|---|---:|---|"]
+        for config in generation:
+            same = report.same_tokens.get(config)
+            check = "" if same is None else f"{SAME_TOKENS[config]}: {'yes' if same else 'NO'}"
+            rows.append(f"| {config} | {tokens_per_second(report, config):.1f} | {check} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", nargs="*", default=list(TRAIN_CONFIGS), choices=TRAIN_CONFIGS)
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--rounds", type=int, default=4, help="timed training rounds (after one warm-up)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--block-len", type=int, default=128)
+    parser.add_argument("--no-generation", action="store_true")
+    parser.add_argument("--gen-rounds", type=int, default=3, help="timed generation rounds (after one warm-up)")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_speed"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = {"batch_size": args.batch_size, "block_len": args.block_len, "rounds": args.rounds,
+                "gen_rounds": args.gen_rounds, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                "threads": torch.get_num_threads(), "device": "cpu"}
+    report = Report(settings)
+    console = Console()
+    with Progress(console=console) as progress:
+        if args.train:
+            training_rounds(report, args, progress)
+        if not args.no_generation:
+            generation_rounds(report, args, progress)
+    table = markdown_table(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(json.dumps(asdict(report), indent=2))
+    console.print(table, markup=False, highlight=False)
+
+
+if __name__ == "__main__":
+    main()
