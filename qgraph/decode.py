@@ -107,6 +107,45 @@ def example_inputs(model: nn.Module, shape: CacheShape) -> tuple[Tensor, Tensor,
             torch.ones(EXAMPLE_BATCH, EXAMPLE_PAST, dtype=torch.long, device=device), positions.to(device), past)
 
 
+def drop_empty_concat_inputs(gm: fx.GraphModule) -> None:
+    """Remove the empty 1-d tensors a DynamicCache starts each layer with from the concatenations that append
+    the past to them: torch concatenates a legacy empty tensor with anything, ONNX does not."""
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.cat.default)):
+        inputs = node.args[0]
+        kept = [x for x in inputs if not _is_empty_vector(x)]
+        if len(kept) == len(inputs) or not kept:
+            continue
+        if len(kept) == 1:
+            node.replace_all_uses_with(kept[0])
+            gm.graph.erase_node(node)
+        else:
+            node.args = (kept, *node.args[1:])
+    _erase_unused_constants(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _is_empty_vector(node: Any) -> bool:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, Tensor) and value.dim() == 1 and value.shape[0] == 0
+
+
+def _erase_unused_constants(gm: fx.GraphModule) -> None:
+    """The lifted constants nothing reads any more, with the copy/detach chain that read them."""
+    chain = {torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach_.default, torch.ops.aten.detach.default}
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            unused = not node.users and (node.op == "get_attr" or (node.op == "call_function" and node.target in chain))
+            if unused and (node.op != "get_attr" or node.target.startswith("lifted_tensor")):
+                target = node.target if node.op == "get_attr" else None
+                gm.graph.erase_node(node)
+                if target is not None and not gm.graph.find_nodes(op="get_attr", target=target):
+                    delattr(gm, target)
+                changed = True
+
+
 def dynamic_shapes(shape: CacheShape, max_seq_len: int) -> tuple:
     """Batch, new tokens and past tokens dynamic, in the decode signature's argument order."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
@@ -127,6 +166,7 @@ def capture_decode(model: nn.Module, max_seq_len: int) -> tuple[fx.GraphModule, 
     args = example_inputs(model, shape)
     gm = torch.export.export(CachedForward(model), args, dynamic_shapes=dynamic_shapes(shape, max_seq_len),
                              strict=False).module()
+    drop_empty_concat_inputs(gm)
     names = [node.target for node in gm.graph.find_nodes(op="placeholder")]
     return gm, dict(zip(names, pytree.tree_leaves(args))), shape
 

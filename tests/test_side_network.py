@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from qgraph.side_network import (
-    DOWNSAMPLE_KINDS, SideConfig, SideNetwork, attention_allowed, positions_from_mask, rotary_tables, rotate,
+    DOWNSAMPLE_KINDS, SideCache, SideConfig, SideNetwork, attention_allowed, positions_from_mask, rotary_tables,
+    rotate,
 )
 
 D, R = 64, 4
@@ -69,6 +70,25 @@ def test_left_padding_does_not_change_real_tokens():
         with_pad = side.side_output(mask, *padded)
     torch.testing.assert_close(with_pad[:, 3:], alone, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(with_pad).all()  # pad queries see themselves: no all-masked softmax row
+
+
+@pytest.mark.parametrize("splits", [(4, 1, 1, 1), (1, 1, 1, 1, 1, 1, 1), (6, 1)])
+def test_decoding_with_a_cache_gives_the_new_rows_of_the_whole_sequence(splits):
+    torch.manual_seed(0)
+    side = SideNetwork(config())
+    whole = taps(shape=(2, 7), seed=2)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # left padding in the prompt
+    with torch.no_grad():
+        expected = side.side_output(mask, *whole)
+        cache, rows, start = SideCache(), [], 0
+        with side.decoding(cache):
+            for size in splits:
+                rows.append(side.side_output(mask[:, start:start + size], *(t[:, start:start + size] for t in whole)))
+                start += size
+    torch.testing.assert_close(torch.cat(rows, dim=1), expected, rtol=1e-5, atol=1e-5)
+    assert cache.keys[0].shape == (2, 2, 7, config().head_dim) and torch.equal(cache.mask, mask)
+    assert side._cache is None  # only inside `decoding`
 
 
 def test_mask_and_positions():

@@ -8,6 +8,7 @@ Running it needs torch only:
     model = torch._inductor.aoti_load_package("model_aoti.pt2")
     logits = model(input_ids=ids, attention_mask=mask)
 
+decode=True compiles the KV-cache signature instead (see the pt2 target; runners/_decoding.py is the loop).
 A .pt2 suffix means the pt2 target unless asked: `qgraph.export(module, "model_aoti.pt2", format="aoti")`.
 Compiling takes a while (tens of seconds for a tiny model on two CPU cores); the report gives the time.
 """
@@ -22,7 +23,8 @@ import torch
 
 from qgraph.errors import ExportError
 from qgraph.export.aten import op_mapping
-from qgraph.export.pt2 import exported_program
+from qgraph.export.program import decode_unsupported
+from qgraph.export.pt2 import decode_program, exported_program
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.module import QGraphModule
 
@@ -30,16 +32,19 @@ if TYPE_CHECKING:
     from qgraph.export import ExportJob
 
 PACKAGE_SUFFIX = ".pt2"  # aoti_compile_and_package writes nothing else
+CACHE_FLAG = "--cache"  # the runner's: layers,heads,head_dim,dtype of a decode package's KV cache
 
 
 @dataclass(frozen=True)
 class AotiOptions:
-    """The aoti target takes no options."""
+    """decode: compile the pt2 target's KV-cache signature program (qgraph.decode) instead."""
+
+    decode: bool = False
 
 
 def unsupported(module: QGraphModule, options: AotiOptions) -> str | None:
     """Every plan fits: the program is the pt2 target's, aten only."""
-    return None
+    return decode_unsupported(module) if options.decode else None
 
 
 def write(job: ExportJob) -> Artifact:
@@ -47,12 +52,18 @@ def write(job: ExportJob) -> Artifact:
     if job.path.suffix != PACKAGE_SUFFIX:
         raise ExportError(f"AOTInductor packages are {PACKAGE_SUFFIX} files, got {job.path.name!r}; name it "
                           f"e.g. {job.path.stem}{PACKAGE_SUFFIX}")
-    program = exported_program(job.module, job.example_inputs)
+    decode = job.options.decode
+    program = decode_program(job.module) if decode else exported_program(job.module, job.example_inputs)
     start = time.perf_counter()
     torch._inductor.aoti_compile_and_package(program, package_path=str(job.path))
     seconds = time.perf_counter() - start
-    return Artifact(op_mapping=op_mapping(job.module.graph_module.graph),
-                    notes=[f"AOTInductor compile: {seconds:.1f}s"])
+    notes = [f"AOTInductor compile: {seconds:.1f}s"]
+    runner_args = []
+    if decode:  # a package does not show its inputs' shapes: the runner is told the cache's
+        cache = job.module.decode_graph.cache
+        notes.append("decode: the package takes and returns the KV cache (qgraph.decode's signature)")
+        runner_args = [CACHE_FLAG, f"{cache.layers},{cache.heads},{cache.head_dim},{str(cache.dtype).removeprefix('torch.')}"]
+    return Artifact(op_mapping=op_mapping(job.module.graph_module.graph), notes=notes, runner_args=runner_args)
 
 
 TARGET = ExportTarget(

@@ -29,9 +29,11 @@ import torch
 from torch import fx
 
 from qgraph.export import onnx_ops
-from qgraph.export.program import INPUT_NAMES, LogitsProgram, dynamic_shapes
+from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
+from qgraph.decode import signature_args, tie_weights
+from qgraph.export.program import INPUT_NAMES, LogitsProgram, decode_names, decode_unsupported, dynamic_shapes
 from qgraph.export.target import Artifact, ExportTarget
-from qgraph.graph import get_attr_tensor
+from qgraph.graph import get_attr_tensor, graph_copy
 from qgraph.module import QGraphModule
 
 INT4_LINEAR = torch.ops.qgraph.int4_linear.default
@@ -45,9 +47,11 @@ TORCH_ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 
 @dataclass(frozen=True)
 class OnnxOptions:
-    """external_data: weights in `<file>.data` beside the model (None: only when they pass 2 GB)."""
+    """external_data: weights in `<file>.data` beside the model (None: only when they pass 2 GB). decode: the
+    KV-cache signature (qgraph.decode: past_attention_mask, position_ids, past_i in; logits, present_i out)."""
 
     external_data: bool | None = None
+    decode: bool = False
 
 
 # --- what the target can express ----------------------------------------------------------------------------
@@ -77,7 +81,7 @@ def unsupported(module: QGraphModule, options: OnnxOptions) -> str | None:
         why = _node_unsupported(gm, node)
         if why is not None:
             return why
-    return None
+    return decode_unsupported(module) if options.decode else None
 
 
 # --- the rewrite to ORT's layouts ---------------------------------------------------------------------------
@@ -132,12 +136,7 @@ REPACKERS = {INT4_LINEAR: _repack_int4, NF4_LINEAR: _repack_nf4}
 def ort_layout_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over the same tensors in which each qgraph op calls its ORT helper op on repacked
     buffers; the finalized module is not changed."""
-    graph = fx.Graph()
-    output_value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(output_value, type_expr=old_output.type)
-    graph.set_codegen(gm.graph._codegen)  # the unlifted module's pytree calling convention
-    # GraphModule(root, graph) takes the attributes and submodules the graph reads from root, by reference
-    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new = graph_copy(gm)
     for node in qgraph_nodes(new.graph):
         with new.graph.inserting_before(node):
             target, args = REPACKERS[node.target](new, node)
@@ -201,23 +200,33 @@ def _drop_node_metadata(model: Any) -> None:
 def write(job: Any) -> Artifact:
     """torch.onnx (dynamo) over the rewritten graph; `job` is qgraph.export.ExportJob."""
     module: QGraphModule = job.module
-    program = LogitsProgram(module)
-    program.graph_module = ort_layout_graph(module.graph_module)
+    if job.options.decode:
+        decode = module.decode_graph
+        tie_weights(decode.graph_module, module.graph_module)
+        program = ort_layout_graph(decode.graph_module)
+        args, kwargs = signature_args(decode.example_inputs), {}
+        shapes = decode_dynamic_shapes(decode.cache, module.info.max_seq_len)
+        input_names, output_names = decode_names(module)
+    else:
+        program = LogitsProgram(module)
+        program.graph_module = ort_layout_graph(module.graph_module)
+        args, kwargs, shapes = (), dict(job.example_inputs), dynamic_shapes(module)
+        input_names, output_names = list(INPUT_NAMES), list(OUTPUT_NAMES)
     program.eval()
     with warnings.catch_warnings(), torch.no_grad(), _quiet_logger(TORCH_ONNX_REGISTRY_LOGGER):
         warnings.simplefilter("ignore")  # torch.export's and onnxscript's notes on a successful export
         onnx_program = torch.onnx.export(
-            program, (), kwargs=dict(job.example_inputs), dynamic_shapes=dynamic_shapes(module), dynamo=True,
-            custom_translation_table=onnx_ops.TRANSLATIONS, input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES), opset_version=OPSET, optimize=True, verbose=False)
-    weight_bytes = sum(t.numel() * t.element_size() for t in program.graph_module.state_dict().values())
+            program, args, kwargs=kwargs, dynamic_shapes=shapes, dynamo=True,
+            custom_translation_table=onnx_ops.TRANSLATIONS, input_names=input_names,
+            output_names=output_names, opset_version=OPSET, optimize=True, verbose=False)
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict().values())
     external = job.options.external_data
     if external is None:
         external = weight_bytes > PROTOBUF_LIMIT_BYTES * 0.95  # the graph itself takes room too
     _drop_node_metadata(onnx_program.model)
     onnx_program.save(job.path, external_data=external)
     data_file = job.path.with_name(job.path.name + ".data")
-    notes = []
+    notes = ["decode: the file takes and returns the KV cache (qgraph.decode's signature)"] if job.options.decode else []
     if external:
         notes.append(f"weights in {data_file.name} beside the model (keep the two files together)")
     return Artifact(op_mapping=op_mapping(module.graph_module), notes=notes,

@@ -14,8 +14,11 @@ from qgraph.capture import MAX_BATCH
 from qgraph.errors import ExportError
 from qgraph.finalize import FOLD_PASS, finalize
 from qgraph.module import QGraphModule
+from qgraph.side_network import SIDE_MODULE
 
 INPUT_NAMES = ("input_ids", "attention_mask")
+# the KV-cache signature's (qgraph.decode) inputs before the past keys and values
+DECODE_INPUT_NAMES = (*INPUT_NAMES, "past_attention_mask", "position_ids")
 
 
 def is_finalized(module: QGraphModule) -> bool:
@@ -76,3 +79,20 @@ def fp32_bytes(module: QGraphModule) -> int:
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     # every stored tensor that is not a quantized weight counts as it is stored (fp32 in an fp32 model)
     return stored - quantized_bytes + 4 * quantized_params
+
+
+def decode_unsupported(module: QGraphModule) -> str | None:
+    """Why `module` has no exportable KV-cache signature (a target's decode=True), or None."""
+    if module.decode_graph is None:
+        return "decode=True needs the module's KV-cached decode graph, which this one lacks; transform with kv_cache=True"
+    if hasattr(module.decode_graph.graph_module, SIDE_MODULE):
+        return ("decode=True: a QST side network keeps its own cache outside the decode graph, so the file could "
+                "not carry it; export without decode")
+    return None
+
+
+def decode_names(module: QGraphModule) -> tuple[list[str], list[str]]:
+    """The decode signature's flat input and output names: ..., past_0, past_1, ... in; logits, present_0, ... out."""
+    count = 2 * module.decode_graph.cache.layers
+    return ([*DECODE_INPUT_NAMES, *(f"past_{i}" for i in range(count))],
+            ["logits", *(f"present_{i}" for i in range(count))])

@@ -32,10 +32,9 @@ from qgraph.errors import ExportError
 from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
 from qgraph.decode import signature_args, tie_weights
 from qgraph.export.aten import aten_program, decompose_qgraph_ops, op_mapping, qgraph_op_counts
-from qgraph.export.program import LogitsProgram, dynamic_shapes
+from qgraph.export.program import LogitsProgram, decode_unsupported, dynamic_shapes
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.module import QGraphModule
-from qgraph.side_network import SIDE_MODULE
 
 if TYPE_CHECKING:
     from qgraph.export import ExportJob
@@ -54,16 +53,6 @@ def unsupported(module: QGraphModule, options: Pt2Options) -> str | None:
     """Every plan fits (each qgraph op a finalized graph holds has an aten decomposition); decode=True needs the
     module's decode graph, without a QST side network (its cache lives outside the graph)."""
     return decode_unsupported(module) if options.decode else None
-
-
-def decode_unsupported(module: QGraphModule) -> str | None:
-    """Why `module` has no exportable KV-cache signature, or None."""
-    if module.decode_graph is None:
-        return "decode=True needs the module's KV-cached decode graph, which this one lacks; transform with kv_cache=True"
-    if hasattr(module.decode_graph.graph_module, SIDE_MODULE):
-        return ("decode=True: a QST side network keeps its own cache outside the decode graph, so the file could "
-                "not carry it; export without decode")
-    return None
 
 
 def exported_program(module: QGraphModule, example_inputs: dict[str, torch.Tensor], *,

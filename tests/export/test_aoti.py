@@ -59,3 +59,16 @@ def test_the_aot_compiled_package_runs_without_qgraph(tmp_path, family, plan, op
         want = module(input_ids=input_ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
     assert float((got[real] - want[real]).abs().max()) <= TARGET.tolerance
+
+
+def test_a_decode_package_generates_the_tokens_qm_generates(tmp_path):
+    from qgraph.export.check import check_cases, run_in_runtime
+
+    fin = qgraph.finalize(qgraph.transform(tiny_causal_lm("llama", layers=2), "rtn-w4"))
+    report = qgraph.export.export_report(fin, tmp_path / "model.pt2", format="aoti", decode=True, console=quiet())
+    cases = check_cases(int(fin.info.config.vocab_size))
+    result = run_in_runtime(TARGET.runner_path, report.path, cases,
+                            extra_args=[*report.runtime.runner_args, "--generate", "16"])
+    for case, tokens in zip(cases, result.tokens):
+        expected = fin.generate(case.input_ids, attention_mask=case.attention_mask, max_new_tokens=16)
+        assert torch.equal(torch.from_numpy(tokens), expected[:, case.input_ids.shape[1]:])

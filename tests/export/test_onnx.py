@@ -154,3 +154,28 @@ def test_a_group_size_matmulnbits_cannot_hold_fails_before_writing(tmp_path):
     with pytest.raises(qgraph.ExportError, match=r"onnx target cannot export.*group size 8.*group_size=32"):
         qgraph.export(finalized, tmp_path / "m.onnx", **QUIET)
     assert not any(tmp_path.iterdir())
+
+
+# --- the KV-cache signature (decode=True) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, plan", [("llama", "lrqat-w4"), ("qwen2", "nf4")])
+def test_a_decode_model_generates_the_tokens_qm_generates_in_onnx_runtime(tmp_path, family, plan):
+    from qgraph.export.check import check_cases, run_in_runtime
+    from qgraph.export.onnx import TARGET
+
+    qm = qgraph.transform(tiny_causal_lm(family, layers=2), plan, **({"group_size": 32} if plan != "nf4" else {}))
+    fin = qgraph.finalize(qm)
+    path = qgraph.export.export_report(fin, tmp_path / "model.onnx", decode=True,
+                                       console=Console(file=io.StringIO())).path
+    cases = check_cases(int(fin.info.config.vocab_size))
+    result = run_in_runtime(TARGET.runner_path, path, cases, extra_args=["--generate", "16"])
+    for case, tokens in zip(cases, result.tokens):
+        expected = fin.generate(case.input_ids, attention_mask=case.attention_mask, max_new_tokens=16)
+        assert torch.equal(torch.from_numpy(tokens), expected[:, case.input_ids.shape[1]:])
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input][:4] == ["input_ids", "attention_mask", "past_attention_mask",
+                                                       "position_ids"]
+    assert [o.name for o in model.graph.output][:2] == ["logits", "present_0"]
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["MatMulNBits" if plan != "nf4" else "MatMulBnb4"] == 14

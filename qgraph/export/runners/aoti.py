@@ -1,24 +1,59 @@
-"""Run a qgraph AOTInductor package with torch alone: torch._inductor.aoti_load_package(path)."""
+"""Run a qgraph AOTInductor package with torch alone: torch._inductor.aoti_load_package(path).
+
+A decode package (KV-cache signature, qgraph.decode) comes with `--cache layers,heads,head_dim,dtype`: its
+logits come from the prompt with an empty past, and `--generate N` decodes N greedy tokens through it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from _decoding import greedy, prefill_logits
 from _protocol import serve
 
-
-def load(path: str, extra: list[str]) -> Any:
-    return torch._inductor.aoti_load_package(path)
+CACHE_FLAG = "--cache"
 
 
-def run(model: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+@dataclass
+class Program:
+    model: Any
+    past_shapes: list[tuple[int, int, np.dtype]]  # (heads, head_dim, dtype) per past input; empty: no KV cache
+
+    def step(self, input_ids, attention_mask, past_attention_mask, position_ids, past):
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, attention_mask,
+                                                                       past_attention_mask, position_ids)]
+        logits, *present = self.model(*tensors, [torch.from_numpy(p) for p in past])
+        return logits.float().numpy(), [p.numpy() for p in present]
+
+
+def past_shapes(extra: list[str]) -> list[tuple[int, int, np.dtype]]:
+    if CACHE_FLAG not in extra:
+        return []
+    layers, heads, head_dim, dtype = extra[extra.index(CACHE_FLAG) + 1].split(",")
+    numpy_dtype = torch.empty(0, dtype=getattr(torch, dtype)).numpy().dtype
+    return [(int(heads), int(head_dim), numpy_dtype)] * (2 * int(layers))
+
+
+def load(path: str, extra: list[str]) -> Program:
+    return Program(torch._inductor.aoti_load_package(path), past_shapes(extra))
+
+
+def run(program: Program, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+        if program.past_shapes:
+            return prefill_logits(program.step, program.past_shapes, input_ids, attention_mask)
+        logits = program.model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
     return logits.float().numpy()
 
 
+def generate(program: Program, input_ids: np.ndarray, attention_mask: np.ndarray, count: int) -> np.ndarray:
+    with torch.no_grad():
+        return greedy(program.step, program.past_shapes, input_ids, attention_mask, count)
+
+
 if __name__ == "__main__":
-    serve(load, run)
+    serve(load, run, generate)
