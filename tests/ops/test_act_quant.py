@@ -21,7 +21,8 @@ def runtime_round_trip(x: torch.Tensor) -> torch.Tensor:
 
 
 def activations(kind: str, dtype: torch.dtype) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(hash(kind) % 1000)
+    # a seed of its own per kind, the same in every process (str hashes are salted per process)
+    generator = torch.Generator().manual_seed(KINDS.index(kind))
     x = torch.randn(3, 5, 48, generator=generator)
     x = {"normal": x, "large": x * 1e4, "tiny": x * 1e-6, "positive": x.abs() + 0.5,
          "negative": -x.abs() - 0.5, "shifted": x + 3.0, "outlier": x.index_put_((torch.tensor(0), torch.tensor(1),
@@ -38,8 +39,9 @@ KINDS = ["normal", "large", "tiny", "positive", "negative", "shifted", "outlier"
 def test_op_is_bitwise_the_decomposed_round_trip(kind, dtype):
     x = activations(kind, dtype)
     want = runtime_round_trip(x)
-    assert torch.equal(fake_quant_act_int8_per_token(x), want)
-    assert torch.equal(fake_quant_per_token_reference(x), want)
+    # bit for bit, NaN where torch's ops give NaN too (a float16 row whose range overflows float16)
+    torch.testing.assert_close(fake_quant_act_int8_per_token(x), want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fake_quant_per_token_reference(x), want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
