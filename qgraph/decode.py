@@ -1,16 +1,17 @@
 """The KV-cached decode graph: what `qm.generate` runs, one new token per step, instead of the whole sequence.
 
-`transform` captures a second graph of a Hugging Face causal LM beside the training graph, with the model's
-own KV cache as explicit inputs and outputs:
+A second graph of a Hugging Face causal LM, beside the training graph, with the model's own KV cache as
+explicit inputs and outputs:
 
     decode(input_ids (B, T), attention_mask (B, T), past_attention_mask (B, P), position_ids (B, T),
            past [k_0, v_0, k_1, v_1, ...] (B, kv_heads, P, head_dim)) -> (logits (B, T, V), present k/v (P + T))
 
-and runs the plan's passes on it (not the training-only ones: no checkpoints, the head stays in the graph).
-The passes share `PassContext.made` with the training graph's run, so both graphs hold the same quantized
-tensors, LR-QAT parameters and side network: training moves what decoding reads, and nothing is quantized
-or range-searched twice. Before each generation the decode graph's tensors are tied to the training graph's
-by name again, so `qm.to(...)` or a loaded state reach it too.
+`transform` keeps a `DecodeRecipe` and the graph is built at the first generate: captured from a stand-in of
+the model (every tensor zero-stride, so the recipe keeps no weight alive), rewritten by the plan's passes
+(not the training-only ones: no checkpoints, the head stays in the graph) with stand-ins of what the
+training graph's passes made (`PassContext.made`: nothing is quantized or range-searched again), then every
+tensor and module tied by name to the training graph's, so the two share them: training moves what decoding
+reads. The tie is repeated before each generation, so `qm.to(...)` or a loaded state reach it too.
 
 A prompt goes through the same graph: its past is one slot of zeros that the mask hides (torch.export
 cannot keep a dimension dynamic that is 0 in use), and positions count from 0 as the uncached graph's do.
@@ -19,6 +20,7 @@ A QST side network keeps its own cache (`SideCache`) for the duration of a gener
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -308,12 +310,9 @@ class DecodeSession:
     def _run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         new = input_ids.shape[1]
         positions = torch.arange(self.length, self.length + new, device=input_ids.device).expand(len(input_ids), -1)
-        gm = self.graph.graph_module
-        if self.side is not None:
-            with self.side.decoding(self.side_cache):
-                logits, *self.past = gm(input_ids, attention_mask, self.past_mask, positions, self.past)
-        else:
-            logits, *self.past = gm(input_ids, attention_mask, self.past_mask, positions, self.past)
+        side_cache = self.side.decoding(self.side_cache) if self.side is not None else contextlib.nullcontext()
+        with side_cache:
+            logits, *self.past = self.graph.graph_module(input_ids, attention_mask, self.past_mask, positions, self.past)
         self.past_mask = torch.cat([self.past_mask, attention_mask], dim=1)
         self.length += new
         return logits[:, -1]

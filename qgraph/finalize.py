@@ -6,9 +6,9 @@ import copy
 import dataclasses
 import warnings
 
+from qgraph.decode import TRAINING_ONLY_PASSES
 from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
-from qgraph.decode import TRAINING_ONLY_PASSES
 from qgraph.plans import PassConfig, Plan
 from qgraph.report import TransformReport
 

@@ -86,13 +86,13 @@ def smollm2(dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def build_training(config: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_training(config: str, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(module, optimizer) of a training configuration over `model` (which it may change in place)."""
     import qgraph
     from bench_lrqat import torchao_qat
     from bench_qst import lora
     from qgraph.side_network import SIDE_NETWORK_LR
 
-    model = smollm2(dtype)
     if config == "lrqat-w4":
         qm = qgraph.transform(model, "lrqat-w4", kv_cache=False)
         return qm, torch.optim.AdamW(qgraph.param_groups(qm, lr_ab=1e-3, lr_s=1e-5), betas=(0.9, 0.95))
@@ -107,18 +107,19 @@ def build_training(config: str, dtype: torch.dtype) -> tuple[torch.nn.Module, to
     raise ValueError(f"unknown training configuration {config!r}; choose from {', '.join(TRAIN_CONFIGS)}")
 
 
-def build_generators(prompt: torch.Tensor, new_tokens: int) -> dict[str, Callable[[], torch.Tensor]]:
-    """Configuration -> a call that generates `new_tokens` greedy tokens after `prompt` (1, T)."""
+def build_generators(load: Callable[[], torch.nn.Module], prompt: torch.Tensor,
+                     new_tokens: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """Configuration -> a call that generates `new_tokens` greedy tokens after `prompt` (1, T); `load()` gives a
+    fresh float32 copy of the model."""
     import qgraph
     from bench_qst import decoder_linears, to_bnb_nf4
 
     mask = torch.ones_like(prompt)
-    nf4 = qgraph.transform(smollm2(torch.float32), "nf4")
-    lrqat = qgraph.transform(smollm2(torch.float32), "lrqat-w4")
-    int4 = qgraph.finalize(lrqat)  # its decode graph is built from lrqat's, which must live until then
-    bnb_model = smollm2(torch.float32)
+    nf4 = qgraph.transform(load(), "nf4")
+    int4 = qgraph.finalize(qgraph.transform(load(), "lrqat-w4"))
+    bnb_model = load()
     to_bnb_nf4(bnb_model, decoder_linears(bnb_model))
-    fp32_model = smollm2(torch.float32)
+    fp32_model = load()
 
     def hf(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
         model.eval()
@@ -160,7 +161,7 @@ def training_rounds(report: Report, args: argparse.Namespace, progress: Progress
     for dtype_name in args.dtypes:
         for config in args.train:
             torch.manual_seed(SEED)
-            modules[f"{config}/{dtype_name}"] = build_training(config, DTYPES[dtype_name])
+            modules[f"{config}/{dtype_name}"] = build_training(config, smollm2(DTYPES[dtype_name]))
             progress.advance(task)
     task = progress.add_task("training steps, every configuration in turn", total=len(stream) * len(modules))
     for round_index, input_ids in enumerate(stream):
@@ -182,7 +183,7 @@ def generation_rounds(report: Report, args: argparse.Namespace, progress: Progre
     _, heldout_text = train_heldout_split()
     prompt = token_blocks(heldout_text, tokenizer, args.prompt_tokens)[0][None]
     task = progress.add_task("building generation configurations", total=1)
-    generators = build_generators(prompt, args.new_tokens)
+    generators = build_generators(lambda: smollm2(torch.float32), prompt, args.new_tokens)
     progress.advance(task)
     outputs: dict[str, torch.Tensor] = {}
     task = progress.add_task("greedy generation, every configuration in turn",

@@ -30,8 +30,7 @@ def check_exportable(module: object) -> None:
     if not isinstance(module, QGraphModule):
         raise ExportError(f"qgraph.export takes the module qgraph.transform or qgraph.finalize returned, got "
                           f"{type(module).__name__}; transform the model first")
-    # GPT-2's causal LM class is GPT2LMHeadModel, older than the ...ForCausalLM naming
-    if module.info.kind != "hf" or not module.info.model_class.endswith(("ForCausalLM", "LMHeadModel")):
+    if not module.info.is_causal_lm:
         raise ExportError(f"qgraph.export writes causal language models (input_ids, attention_mask -> logits); "
                           f"this module was captured from a {module.info.model_class or 'plain module'}")
 

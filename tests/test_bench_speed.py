@@ -1,0 +1,60 @@
+"""tools/bench_speed.py on a tiny Llama: every configuration builds and steps, every generator decodes, and
+the table checks each target against the right peer."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_llama, random_ids
+
+pytest.importorskip("torchao", reason="the bench extra (torchao) is not installed: pip install -e .[bench]")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the tools import benchlib as a sibling
+import bench_speed  # noqa: E402
+from bench_speed import Report, build_generators, build_training, markdown_table  # noqa: E402
+from benchlib import train_step  # noqa: E402
+
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", bench_speed.TRAIN_CONFIGS)
+def test_every_training_configuration_steps_in_either_dtype(config, dtype):
+    if config == "qlora" and not HAS_PEFT:
+        pytest.skip("QLoRA needs peft (the bench extra)")
+    module, optimizer = build_training(config, make_llama().to(dtype))
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in trained]
+    loss = train_step(module.train(), optimizer, random_ids((2, 16)))
+    assert torch.isfinite(torch.tensor(loss))
+    assert any(not torch.equal(b, p) for b, p in zip(before, trained))
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="the bnb peer is built with bench_qst's helpers (peft)")
+def test_every_generator_decodes_and_the_cached_tokens_equal_the_recomputed_ones():
+    generators = build_generators(make_llama, random_ids((1, 6)), 5)
+    with torch.no_grad():
+        out = {name: generate() for name, generate in generators.items()}
+    assert {tuple(t.shape) for t in out.values()} == {(1, 11)}
+    assert torch.equal(out["qgraph-nf4"], out["qgraph-nf4-nocache"])
+    assert torch.equal(out["qgraph-int4"], out["qgraph-int4-uncached-reference"])
+
+
+def test_the_table_quotes_each_target_against_its_peer_and_fails_different_tokens():
+    report = Report({"new_tokens": 10}, seconds={
+        "lrqat-w4/bf16": [1.0, 1.2, 1.1], "lrqat-w4/fp32": [3.0, 3.0, 3.0], "torchao-qat/bf16": [2.0, 2.0, 2.0],
+        "qgraph-nf4": [0.5], "transformers-bnb-nf4": [1.0], "qgraph-int4": [2.0], "transformers-fp32": [1.0]},
+        same_tokens={"qgraph-nf4": False, "qgraph-int4": True})
+    table = markdown_table(report)
+    assert "| lrqat-w4 bf16 vs fp32 step | lrqat-w4/bf16 | lrqat-w4/fp32 | 1.100 | 3.000 | 2.73x | >= 2.5x | yes |" \
+        in table
+    assert "lrqat-w4 bf16 vs torchao QAT bf16 | lrqat-w4/bf16 | torchao-qat/bf16 | 1.100 | 2.000 | 1.82x | >= 2x | no |" \
+        in table
+    assert "| 2.00x | >= 1x | no (different tokens) |" in table  # faster, but not the same tokens
+    assert "| 0.50x | >= 1x | no |" in table
+    assert "qst-nf4 vs QLoRA" not in table  # not measured: no row
+    assert "| qgraph-nf4 | 20.0 | transformers-bnb-nf4: NO |" in table
