@@ -21,12 +21,15 @@ from tests.test_generate import nf4_decoded
 FAMILIES = ["llama", "gpt2", "qwen2", "mistral", "gemma", "phi3", "qwen3"]
 
 
-def left_padded(batch: int, length: int, pads: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(batch: int, length: int, pads: list[int], seed: int = 0, *,
+                right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts whose rows start (or, right=True, end) with pads[row] padding tokens."""
     ids = random_ids((batch, length), seed=seed)
     mask = torch.ones_like(ids)
     for row, pad in enumerate(pads):
-        mask[row, :pad] = 0
-        ids[row, :pad] = 0
+        padding = slice(length - pad, length) if right else slice(0, pad)
+        mask[row, padding] = 0
+        ids[row, padding] = 0
     return ids, mask
 
 
@@ -212,8 +215,8 @@ def qst_module(trained):
 
 @settings(max_examples=12, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(batch=st.integers(1, 3), length=st.integers(1, 12), data=st.data())
-def test_padding_and_prompt_length_never_change_the_tokens(qst_module, batch, length, data):
+@given(batch=st.integers(1, 3), length=st.integers(1, 12), right=st.booleans(), data=st.data())
+def test_padding_and_prompt_length_never_change_the_tokens(qst_module, batch, length, right, data):
     pads = [data.draw(st.integers(0, length - 1), label=f"pad {row}") for row in range(batch)]
-    ids, mask = left_padded(batch, length, pads, seed=length)
+    ids, mask = left_padded(batch, length, pads, seed=length, right=right)
     assert_same_steps(qst_module, ids, mask, steps=3)

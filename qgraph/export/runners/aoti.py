@@ -14,6 +14,7 @@ import torch
 
 from _decoding import greedy, prefill_logits
 from _protocol import serve
+from _torch_program import torch_step
 
 CACHE_FLAG = "--cache"
 
@@ -23,11 +24,9 @@ class Program:
     model: Any
     past_shapes: list[tuple[int, int, np.dtype]]  # (heads, head_dim, dtype) per past input; empty: no KV cache
 
-    def step(self, input_ids, attention_mask, past_attention_mask, position_ids, past):
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, attention_mask,
-                                                                       past_attention_mask, position_ids)]
-        logits, *present = self.model(*tensors, [torch.from_numpy(p) for p in past])
-        return logits.float().numpy(), [p.numpy() for p in present]
+    @property
+    def step(self):
+        return torch_step(self.model)
 
 
 def past_shapes(extra: list[str]) -> list[tuple[int, int, np.dtype]]:

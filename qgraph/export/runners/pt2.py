@@ -18,6 +18,7 @@ import torch
 
 from _decoding import greedy, prefill_logits
 from _protocol import serve
+from _torch_program import torch_step
 
 IMPORT_QGRAPH_FLAG = "--import-qgraph"
 PAST_INPUT = re.compile(r"past_\d+")  # past_0, past_1, ...: the keys and values (past_attention_mask is not one)
@@ -28,11 +29,9 @@ class Program:
     module: torch.nn.Module
     past_shapes: list[tuple[int, int, np.dtype]]  # (heads, head_dim, dtype) per past input; empty: no KV cache
 
-    def step(self, input_ids, attention_mask, past_attention_mask, position_ids, past):
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, attention_mask,
-                                                                       past_attention_mask, position_ids)]
-        logits, *present = self.module(*tensors, [torch.from_numpy(p) for p in past])
-        return logits.float().numpy(), [p.numpy() for p in present]
+    @property
+    def step(self):
+        return torch_step(self.module)
 
 
 def past_shapes(exported: torch.export.ExportedProgram) -> list[tuple[int, int, np.dtype]]:
