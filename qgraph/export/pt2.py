@@ -52,6 +52,8 @@ class Pt2Options:
 def unsupported(module: QGraphModule, options: Pt2Options) -> str | None:
     """Every plan fits (each qgraph op a finalized graph holds has an aten decomposition); decode=True needs the
     module's decode graph, without a QST side network (its cache lives outside the graph)."""
+    if options.decode and options.keep_ops:
+        return "decode=True writes the aten program; keep_ops=True applies to the logits program only: drop one"
     return decode_unsupported(module) if options.decode else None
 
 
@@ -62,12 +64,18 @@ def exported_program(module: QGraphModule, example_inputs: dict[str, torch.Tenso
     program = LogitsProgram(module) if keep_ops else aten_program(module)
     exported = torch.export.export(program, (), kwargs=example_inputs, dynamic_shapes=dynamic_shapes(module),
                                    strict=False)
-    left = qgraph_op_counts(exported.graph)
-    if not keep_ops and left:  # a decomposition that did not take would make a file no runtime can load
-        raise ExportError(f"qgraph ops survived the aten decomposition: {dict(left)}; each needs an entry in "
-                          "qgraph.export.aten.DECOMPOSITIONS")
+    if not keep_ops:
+        check_decomposed(exported)
     drop_stack_traces(exported)
     return exported
+
+
+def check_decomposed(exported: torch.export.ExportedProgram) -> None:
+    """Raise if a qgraph op is left: a decomposition that did not take would make a file no runtime can load."""
+    left = qgraph_op_counts(exported.graph)
+    if left:
+        raise ExportError(f"qgraph ops survived the aten decomposition: {dict(left)}; each needs an entry in "
+                          "qgraph.export.aten.DECOMPOSITIONS")
 
 
 def decode_program(module: QGraphModule) -> torch.export.ExportedProgram:
@@ -76,11 +84,9 @@ def decode_program(module: QGraphModule) -> torch.export.ExportedProgram:
     decode = module.decode_graph
     tie_weights(decode.graph_module, module.graph_module)
     exported = torch.export.export(decompose_qgraph_ops(decode.graph_module), signature_args(decode.example_inputs),
-                                   dynamic_shapes=decode_dynamic_shapes(decode.cache, module.info.max_seq_len), strict=False)
-    left = qgraph_op_counts(exported.graph)
-    if left:
-        raise ExportError(f"qgraph ops survived the aten decomposition: {dict(left)}; each needs an entry in "
-                          "qgraph.export.aten.DECOMPOSITIONS")
+                                   dynamic_shapes=decode_dynamic_shapes(decode.cache, module.info.max_seq_len),
+                                   strict=False)
+    check_decomposed(exported)
     drop_stack_traces(exported)
     return exported
 

@@ -194,3 +194,5 @@ def test_decode_needs_a_decode_graph_without_a_side_network():
     bare = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4", kv_cache=False)
     assert "kv_cache=True" in TARGET.unsupported(bare, Pt2Options(decode=True))
     assert TARGET.unsupported(bare, Pt2Options()) is None
+    assert "keep_ops=True applies to the logits program only" in TARGET.unsupported(
+        qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4"), Pt2Options(decode=True, keep_ops=True))
