@@ -23,7 +23,7 @@ import torch
 
 from qgraph.errors import ExportError
 from qgraph.export.aten import op_mapping
-from qgraph.export.program import decode_unsupported
+from qgraph.export.program import DECODE_NOTE, decode_unsupported
 from qgraph.export.pt2 import decode_program, exported_program
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.module import QGraphModule
@@ -61,7 +61,7 @@ def write(job: ExportJob) -> Artifact:
     runner_args = []
     if decode:  # a package does not show its inputs' shapes: the runner is told the cache's
         cache = job.module.decode_graph.cache
-        notes.append("decode: the package takes and returns the KV cache (qgraph.decode's signature)")
+        notes.append(DECODE_NOTE)
         runner_args = [CACHE_FLAG, f"{cache.layers},{cache.heads},{cache.head_dim},{str(cache.dtype).removeprefix('torch.')}"]
     return Artifact(op_mapping=op_mapping(job.module.graph_module.graph), notes=notes, runner_args=runner_args)
 

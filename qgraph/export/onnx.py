@@ -31,7 +31,8 @@ from torch import fx
 from qgraph.export import onnx_ops
 from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
 from qgraph.decode import signature_args, tie_weights
-from qgraph.export.program import INPUT_NAMES, LogitsProgram, decode_names, decode_unsupported, dynamic_shapes
+from qgraph.export.program import (DECODE_NOTE, INPUT_NAMES, LogitsProgram, decode_names, decode_unsupported,
+                                   dynamic_shapes)
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.graph import get_attr_tensor, graph_copy
 from qgraph.module import QGraphModule
@@ -226,7 +227,7 @@ def write(job: Any) -> Artifact:
     _drop_node_metadata(onnx_program.model)
     onnx_program.save(job.path, external_data=external)
     data_file = job.path.with_name(job.path.name + ".data")
-    notes = ["decode: the file takes and returns the KV cache (qgraph.decode's signature)"] if job.options.decode else []
+    notes = [DECODE_NOTE] if job.options.decode else []
     if external:
         notes.append(f"weights in {data_file.name} beside the model (keep the two files together)")
     return Artifact(op_mapping=op_mapping(module.graph_module), notes=notes,

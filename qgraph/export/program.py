@@ -19,6 +19,7 @@ from qgraph.side_network import SIDE_MODULE
 INPUT_NAMES = ("input_ids", "attention_mask")
 # the KV-cache signature's (qgraph.decode) inputs before the past keys and values
 DECODE_INPUT_NAMES = (*INPUT_NAMES, "past_attention_mask", "position_ids")
+DECODE_NOTE = "decode: the file takes and returns the KV cache (qgraph.decode's signature)"
 
 
 def is_finalized(module: QGraphModule) -> bool:

@@ -32,7 +32,7 @@ from qgraph.errors import ExportError
 from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
 from qgraph.decode import signature_args, tie_weights
 from qgraph.export.aten import aten_program, decompose_qgraph_ops, op_mapping, qgraph_op_counts
-from qgraph.export.program import LogitsProgram, decode_unsupported, dynamic_shapes
+from qgraph.export.program import DECODE_NOTE, LogitsProgram, decode_unsupported, dynamic_shapes
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.module import QGraphModule
 
@@ -103,7 +103,7 @@ def write(job: ExportJob) -> Artifact:
     notes = []
     if options.decode:
         program = decode_program(job.module)
-        notes.append("decode: the file takes and returns the KV cache (qgraph.decode's signature)")
+        notes.append(DECODE_NOTE)
     else:
         program = exported_program(job.module, job.example_inputs, keep_ops=options.keep_ops)
     torch.export.save(program, job.path)
