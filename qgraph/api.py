@@ -81,8 +81,7 @@ def transform(
             report.trainable_params += param.numel()
         else:
             report.frozen_params += param.numel()
-    # the info as the passes left it
-    return wrap_graph_module(gm, report, plan, capture_info(gm), compile=compile, decode_recipe=decode)
+    return wrap_graph_module(gm, report, plan, info, compile=compile, decode_recipe=decode)  # info as the passes left it
 
 
 def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None) -> tuple[Plan, list]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import traceback
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ class CaptureInfo:
         return self.kind == "hf" and is_causal_lm_class(self.model_class)
 
 
+@functools.cache  # asked on every forward (label checks): the mapping is scanned once per class name
 def is_causal_lm_class(model_class: str) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

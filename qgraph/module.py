@@ -158,13 +158,17 @@ class HFQGraphModule(QGraphModule):
         `qgraph.generate.generate`."""
         return generate(self, input_ids, **kwargs)
 
+    def tied_decode_graph(self) -> DecodeGraph | None:
+        """The decode graph reading graph_module's tensors as they are now (after a `qm.to(...)` too)."""
+        if self.decode_graph is not None:
+            tie_weights(self.decode_graph.graph_module, self.graph_module)
+        return self.decode_graph
+
     def decode_session(self) -> DecodeSession | None:
         """A KV-cached generation through the decode graph, or None where transform made none (the report's
         `decoding` line says why); generate then runs the whole sequence per token."""
-        if self.decode_graph is None:
-            return None
-        tie_weights(self.decode_graph.graph_module, self.graph_module)
-        return DecodeSession(self.decode_graph)
+        decode = self.tied_decode_graph()
+        return DecodeSession(decode) if decode is not None else None
 
 
 def wrap_graph_module(graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo, *,

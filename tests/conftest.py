@@ -34,6 +34,16 @@ def random_ids(shape: tuple[int, ...], seed: int = 0, vocab: int = VOCAB) -> tor
     return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
+def train_steps(qm: nn.Module, input_ids: torch.Tensor, steps: int, lr: float) -> nn.Module:
+    """`steps` AdamW steps of `qm`'s trainable parameters on one batch (language modelling), in place."""
+    optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=lr)
+    for _ in range(steps):
+        qm(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return qm
+
+
 @dataclass
 class ModelSnapshot:
     """Everything about a model a failed call must leave alone."""

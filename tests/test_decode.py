@@ -15,7 +15,7 @@ from qgraph.errors import QGraphError
 from qgraph.generate import RecomputeSession
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.side_network import side_network
-from tests.conftest import random_ids
+from tests.conftest import random_ids, train_steps
 from tests.test_generate import nf4_decoded
 
 FAMILIES = ["llama", "gpt2", "qwen2", "mistral", "gemma", "phi3", "qwen3"]
@@ -69,13 +69,7 @@ def trained():
     modules = {}
     for plan, options in [("lrqat-w4", {}), ("qst-nf4", {"r": 4}), ("lrqat-w4a8", {"group_size": 32})]:
         qm = qgraph.transform(tiny_causal_lm("llama", layers=2), plan, **options)
-        optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=3e-2)
-        ids = random_ids((4, 24), seed=0)
-        for _ in range(5):
-            qm(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        modules[plan] = qm.eval()
+        modules[plan] = train_steps(qm, random_ids((4, 24), seed=0), steps=5, lr=3e-2).eval()
     return modules
 
 
@@ -117,12 +111,7 @@ def test_training_moves_what_decoding_reads():
     qm = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4")
     prompt = random_ids((1, 6), seed=3)
     before = qm.decode_session().start(prompt, torch.ones_like(prompt))
-    optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=5e-2)
-    ids = random_ids((4, 16), seed=4)
-    for _ in range(3):
-        qm(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(qm, random_ids((4, 16), seed=4), steps=3, lr=5e-2)
     with torch.no_grad():
         after = qm.decode_session().start(prompt, torch.ones_like(prompt))
         expected = qm.eval().next_token_logits(prompt)

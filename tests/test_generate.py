@@ -10,21 +10,14 @@ from qgraph.generate import generate
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.ops.nf4 import decode_nf4, quantize_nf4
 from qgraph.side_network import side_network
-from tests.conftest import random_ids
+from tests.conftest import random_ids, train_steps
 
 
 @pytest.fixture(scope="module")
 def model_and_qst():
     """A tiny Llama and its qst-nf4 module with a side network trained a few steps (so it matters)."""
     model = tiny_causal_lm("llama", layers=2)
-    qm = qgraph.transform(model, "qst-nf4", r=4)
-    optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=3e-2)
-    ids = random_ids((4, 24), seed=0)
-    for _ in range(10):
-        qm(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    qm.eval()
+    qm = train_steps(qgraph.transform(model, "qst-nf4", r=4), random_ids((4, 24), seed=0), steps=10, lr=3e-2).eval()
     assert side_network(qm).mix.item() < 0.9
     return model, qm
 

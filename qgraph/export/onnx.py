@@ -30,7 +30,7 @@ from torch import fx
 
 from qgraph.export import onnx_ops
 from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
-from qgraph.decode import signature_args, tie_weights
+from qgraph.decode import signature_args
 from qgraph.export.program import (DECODE_NOTE, INPUT_NAMES, LogitsProgram, decode_names, decode_unsupported,
                                    dynamic_shapes)
 from qgraph.export.target import Artifact, ExportTarget
@@ -202,8 +202,7 @@ def write(job: Any) -> Artifact:
     """torch.onnx (dynamo) over the rewritten graph; `job` is qgraph.export.ExportJob."""
     module: QGraphModule = job.module
     if job.options.decode:
-        decode = module.decode_graph
-        tie_weights(decode.graph_module, module.graph_module)
+        decode = module.tied_decode_graph()
         program = ort_layout_graph(decode.graph_module)
         args, kwargs = signature_args(decode.example_inputs), {}
         shapes = decode_dynamic_shapes(decode.cache, module.info.max_seq_len)

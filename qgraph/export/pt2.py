@@ -30,7 +30,7 @@ import torch
 
 from qgraph.errors import ExportError
 from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
-from qgraph.decode import signature_args, tie_weights
+from qgraph.decode import signature_args
 from qgraph.export.aten import aten_program, decompose_qgraph_ops, op_mapping, qgraph_op_counts
 from qgraph.export.program import DECODE_NOTE, LogitsProgram, decode_unsupported, dynamic_shapes
 from qgraph.export.target import Artifact, ExportTarget
@@ -81,8 +81,7 @@ def check_decomposed(exported: torch.export.ExportedProgram) -> None:
 def decode_program(module: QGraphModule) -> torch.export.ExportedProgram:
     """The KV-cache signature's program of a finalized module (aten ops only), batch, new and past tokens
     dynamic."""
-    decode = module.decode_graph
-    tie_weights(decode.graph_module, module.graph_module)
+    decode = module.tied_decode_graph()
     exported = torch.export.export(decompose_qgraph_ops(decode.graph_module), signature_args(decode.example_inputs),
                                    dynamic_shapes=decode_dynamic_shapes(decode.cache, module.info.max_seq_len),
                                    strict=False)
