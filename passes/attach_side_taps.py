@@ -150,6 +150,12 @@ def side_config(gm: fx.GraphModule, blocks: list[Block], taps: int, options: Sid
                       heads=heads, blocks=taps - 1, downsample=options.downsample, adapter_rank=options.adapter_rank)
 
 
+def _activation_dtype(head: LinearSite) -> torch.dtype | None:
+    """The dtype the backbone hands the head (what the side network computes in), None where unrecorded."""
+    value = head.input.meta.get("val")
+    return value.dtype if isinstance(value, torch.Tensor) and value.is_floating_point() else None
+
+
 def _device(gm: fx.GraphModule) -> torch.device:
     for tensor in (*gm.parameters(), *gm.buffers()):
         return tensor.device
@@ -377,7 +383,7 @@ def _side_network(gm: fx.GraphModule, tapped: list[Block], head: LinearSite, con
     pruned = pruned_init(gm, tapped, head, config) if options.init == "pruned" else None
     with torch.random.fork_rng(devices=[]):  # built on the CPU from a private stream, then moved
         torch.manual_seed(options.seed)
-        side = SideNetwork(config)  # gates and upsample stay drawn at random either way
+        side = SideNetwork(config, compute_dtype=_activation_dtype(head))  # gates, upsample: random either way
     if pruned is not None:
         load_pruned(side, pruned)
     return side.to(_device(gm)), pruned

@@ -146,7 +146,7 @@ def lrqat(gm: fx.GraphModule, context: PassContext, options: LRQATOptions) -> Pa
             report.records.append(SiteRecord(site.path, SKIPPED, reason=reason))
             continue
         tensors = context.make_once((PASS_NAME, site.weight_name),
-                                    lambda: _tensors(site_weight(gm, site), site, group_size, options, generator))
+                                    lambda: _tensors(site_weight(gm, site, context.sources), site, group_size, options, generator))
         record, names = _rewrite(gm, site, tensors, group_size, options, fallback=site in fallback_set)
         report.records.append(record)
         trainable.extend(names)

@@ -69,7 +69,7 @@ def quantize_nf4(gm: fx.GraphModule, context: PassContext, options: NF4Options) 
 
 
 def _rewrite(gm: fx.GraphModule, site: LinearSite, context: PassContext, options: NF4Options) -> SiteRecord:
-    weight = site_weight(gm, site)
+    weight = site_weight(gm, site, context.sources)
     bias = site_bias(gm, site)
     q = context.make_once((PASS.name, site.weight_name),
                           lambda: quantize_weight(weight, options.blocksize, options.double_quant))

@@ -6,10 +6,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from rich.console import Console
 from torch import nn
 
 from qgraph.capture import capture, capture_info
+from qgraph.cast import cast_copy, cast_summary, check_dtype
 from qgraph.decode import decode_recipe
 from qgraph.errors import PlanError, unknown_name_message
 from qgraph.graph import LINEAR_FORMS
@@ -33,6 +35,7 @@ def transform(
     print_after: Sequence[str] = (),
     console: Console | None = None,
     kv_cache: bool = True,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> QGraphModule:
     """Capture `model`, run `plan`'s passes (with `options` overriding theirs), return the module.
@@ -50,6 +53,11 @@ def transform(
     sharing every tensor with the training graph, which `generate` runs one token per step (qgraph.decode).
     It is captured at the first generate (from a stand-in of the model that holds no weights), so a transform
     that only trains pays nothing for it; False: generate recomputes the whole sequence per token.
+
+    dtype: train and run in this floating dtype (torch.bfloat16, torch.float16, torch.float32). What the plan
+    quantizes is quantized from the model's weights as they are; everything else (embeddings, norms, the head,
+    the side network's compute) is cast, as `model.to(dtype)` would cast it (qgraph.cast). The model itself is
+    not changed. None: the model's own dtype.
     """
     plan, steps = resolve_transform(plan, options, checkpoint=checkpoint)
     pass_names = [spec.name for spec, _ in steps]
@@ -57,18 +65,24 @@ def transform(
         if name not in pass_names:
             raise PlanError(unknown_name_message("pass", name, pass_names) + f" (plan {plan.name!r})")
 
+    check_dtype(dtype)
     check_model(model)
     start = time.perf_counter()
-    gm = capture(model, example_inputs)
+    cast = cast_copy(model, dtype) if dtype is not None else None
+    source = model if cast is None else cast.model
+    gm = capture(source, example_inputs, weights_of=model)
+    capture_info(gm).cast_to = dtype
     report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
-    context = PassContext(example_inputs=capture_info(gm).example_inputs)
+    context = PassContext(example_inputs=capture_info(gm).example_inputs, sources={} if cast is None else cast.sources)
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
     check_rewrote_linears(plan, report.passes)
+    if cast is not None and cast.sources:
+        report.dtype = cast_summary(cast, dtype, gm)
 
     info = capture_info(gm)
     decode = None
     if kv_cache and info.is_causal_lm:
-        decode = decode_recipe(model, steps, context.made, max_seq_len=info.max_seq_len, skip=skip)
+        decode = decode_recipe(source, steps, context.made, max_seq_len=info.max_seq_len, skip=skip)
         report.decoding = ("KV cache: a decode graph is captured at the first generate and rewritten by the same "
                            "passes, sharing the training graph's tensors")
     elif info.is_causal_lm:

@@ -47,6 +47,7 @@ class CaptureInfo:
     # digest of the original model's weights (qgraph.fingerprint.weights_digest): what a saved training
     # state records, so that it is loaded only into the model it was trained on
     weights_digest: str = ""
+    cast_to: torch.dtype | None = None  # transform(dtype=): what the model was cast to before capture (qgraph.cast)
 
     @property
     def is_causal_lm(self) -> bool:
@@ -62,8 +63,12 @@ def is_causal_lm_class(model_class: str) -> bool:
     return model_class.endswith("ForCausalLM") or model_class in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
-def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> torch.fx.GraphModule:
-    """Capture `model` as a GraphModule; `gm.meta["qgraph"]` holds its `CaptureInfo`."""
+def capture(model: nn.Module, example_inputs: tuple | dict | None = None, *,
+            weights_of: nn.Module | None = None) -> torch.fx.GraphModule:
+    """Capture `model` as a GraphModule; `gm.meta["qgraph"]` holds its `CaptureInfo`.
+
+    weights_of: the model whose weights the info's digest records, when `model` is a cast copy of it
+    (qgraph.cast): a saved training state names the model the user has, not the copy."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"qgraph captures torch.nn.Module objects, got {type(model).__name__}")
     modes = {module: module.training for module in model.modules()}
@@ -74,9 +79,10 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None) -> tor
         traced = model if _is_hf_model(model) or example_inputs is not None else structural_copy(model)
         with _module_tracker(traced) as tracker:
             try:
+                digest = weights_digest(model if weights_of is None else weights_of)
                 if _is_hf_model(model):
-                    return _capture_hf(model, example_inputs)
-                return _capture_module(traced, example_inputs)
+                    return _capture_hf(model, example_inputs, digest)
+                return _capture_module(traced, example_inputs, digest)
             except CaptureError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one clear error
@@ -100,7 +106,7 @@ def _is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "model_type")
 
 
-def _capture_hf(model: nn.Module, example_inputs: tuple | dict | None) -> torch.fx.GraphModule:
+def _capture_hf(model: nn.Module, example_inputs: tuple | dict | None, digest: str) -> torch.fx.GraphModule:
     config = model.config
     max_seq = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
     kwargs = _hf_example_kwargs(config, example_inputs)
@@ -119,7 +125,7 @@ def _capture_hf(model: nn.Module, example_inputs: tuple | dict | None) -> torch.
         example_inputs=kwargs | constants,
         constant_kwargs=constants,
         model_class=type(model).__name__,
-        weights_digest=weights_digest(model),
+        weights_digest=digest,
         config=config,
         loss_function=getattr(model, "loss_function", None),
         max_seq_len=max_seq,
@@ -156,7 +162,7 @@ def _hf_example_kwargs(config: Any, example_inputs: tuple | dict | None) -> dict
 # --- plain modules ----------------------------------------------------------------------------------
 
 
-def _capture_module(model: nn.Module, example_inputs: tuple | dict | None) -> torch.fx.GraphModule:
+def _capture_module(model: nn.Module, example_inputs: tuple | dict | None, digest: str) -> torch.fx.GraphModule:
     if example_inputs is None:
         gm, args = torch.fx.symbolic_trace(model), ()
     else:
@@ -166,7 +172,7 @@ def _capture_module(model: nn.Module, example_inputs: tuple | dict | None) -> to
         gm = torch.export.export(model, args, dynamic_shapes=dynamic, strict=False).module()
     names = tuple(n.target for n in gm.graph.find_nodes(op="placeholder"))
     gm.meta["qgraph"] = CaptureInfo(kind="module", input_names=names, example_inputs=dict(zip(names, args)),
-                                    model_class=type(model).__name__, weights_digest=weights_digest(model))
+                                    model_class=type(model).__name__, weights_digest=digest)
     return gm
 
 

@@ -36,6 +36,9 @@ class PassContext:
     # it is (qgraph.decode runs the plan again on the KV-cached graph): shared, both graphs hold the same
     # tensors and modules, and the second run quantizes and searches nothing again.
     made: dict[Any, Any] = field(default_factory=dict)
+    # The tensors a cast copy's attributes were cast from, by qualified name (transform(dtype=), qgraph.cast):
+    # a pass that quantizes a weight reads it here, at the precision it had, and the graph computes in the cast.
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def make_once(self, key: Any, make: Callable[[], T]) -> T:
         """`make()`, or what it returned when a pass sharing `made` asked under the same key."""

@@ -15,7 +15,7 @@ from qgraph.fingerprint import weights_digest
 from qgraph.module import QGraphModule
 from qgraph.saved_state import (
     CONFIG_FILE, SavedState, applied_plan, check_base_model, check_plan, check_tensors, load_tensors, read_saved,
-    save_pretrained,
+    save_pretrained, saved_dtype,
 )
 
 __all__ = ["CONFIG_FILE", "applied_plan", "from_pretrained", "save_pretrained"]
@@ -38,7 +38,7 @@ def from_pretrained(model: nn.Module, directory: str | Path, *, compile: bool = 
         return _load_in_place(saved, model)
     config = model.config if hasattr(getattr(model, "config", None), "model_type") else None  # as capture reads it
     check_base_model(saved, type(model).__name__, config, weights_digest(model))
-    qm = transform(model, saved.plan, compile=compile, example_inputs=example_inputs)
+    qm = transform(model, saved.plan, compile=compile, example_inputs=example_inputs, dtype=saved_dtype(saved))
     load_tensors(saved, qm)  # checks every tensor before the first copy
     return qm
 

@@ -70,6 +70,7 @@ class TransformReport:
     trainable_params: int = 0
     frozen_params: int = 0
     decoding: str = ""  # how generate decodes: with the KV-cached graph (qgraph.decode) or without, and why
+    dtype: str = ""  # what transform(dtype=) cast, when it cast anything (qgraph.cast)
 
     def __getitem__(self, name: str) -> PassReport:
         for report in self.passes:
@@ -84,6 +85,8 @@ class TransformReport:
             f"frozen {self.frozen_params:,} parameters",
         )]
         parts.append(_summary_table(self.passes))
+        if self.dtype:
+            parts.append(Text(f"  {self.dtype}", style="dim"))
         if self.decoding:
             parts.append(Text(f"  {self.decoding}", style="dim" if self.decoding.startswith("KV") else "yellow"))
         for report in self.passes:

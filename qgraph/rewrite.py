@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -10,9 +10,12 @@ from torch import fx, nn
 from qgraph.graph import LinearSite, get_attr_tensor
 
 
-def site_weight(gm: fx.GraphModule, site: LinearSite) -> torch.Tensor:
-    """The site's weight as (out, in), whatever its storage layout."""
-    weight = get_attr_tensor(gm, site.weight_name).detach()
+def site_weight(gm: fx.GraphModule, site: LinearSite, sources: Mapping[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """The site's weight as (out, in), whatever its storage layout; from `sources` (the tensor the graph's was
+    cast from, `PassContext.sources`) where it holds the weight's name."""
+    weight = (sources or {}).get(site.weight_name)
+    weight = (get_attr_tensor(gm, site.weight_name) if weight is None else weight).detach()
     return weight.t() if site.transposed else weight
 
 

@@ -137,6 +137,7 @@ def save_pretrained(qm: nn.Module, directory: str | Path) -> Path:
         "qgraph_version": _qgraph_version(),
         "plan": plan_data(plan),
         "options": plan_overrides(plan),
+        "dtype": dtype_name(qm.info.cast_to),
         "base_model": {"class": qm.info.model_class, "config": config_fingerprint(qm.info.config),
                        "weights_digest": qm.info.weights_digest},
         "frozen_digest": frozen_digest(qm),
@@ -298,7 +299,22 @@ def _dict_differences(saved: dict | None, current: dict | None) -> list[str]:
             for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
 
 
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def saved_dtype(saved: SavedState) -> torch.dtype | None:
+    """The dtype the saved run was transformed with (transform(dtype=)), None for the model's own."""
+    name = saved.meta.get("dtype")
+    return None if name is None else getattr(torch, name)
+
+
 def check_plan(saved: SavedState, qm: nn.Module) -> None:
+    if saved.meta.get("dtype") != dtype_name(qm.info.cast_to):
+        raise PretrainedError(f"{saved.directory} was saved from a module transformed with dtype="
+                              f"{saved.meta.get('dtype')}, this one with dtype={dtype_name(qm.info.cast_to)}: load it "
+                              "into the base model instead, qgraph.from_pretrained(model, directory), which re-applies "
+                              "the saved plan and dtype")
     differences = plan_differences(saved.plan, applied_plan(qm))
     if differences:
         raise PretrainedError(f"{saved.directory} was saved from plan {saved.plan.name!r} run otherwise than this "

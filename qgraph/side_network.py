@@ -168,12 +168,20 @@ class SideMLP(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in its weight's dtype (float32), returned in the input's: a bf16 input is normalised
+    over float32 sums, as the backbone's own norms do, and takes the fused kernel (one dtype)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 class SideBlock(nn.Module):
     def __init__(self, config: SideConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.width, eps=NORM_EPS)
+        self.attn_norm = RMSNorm(config.width, eps=NORM_EPS)
         self.attn = SideAttention(config.width, config.heads)
-        self.mlp_norm = nn.RMSNorm(config.width, eps=NORM_EPS)
+        self.mlp_norm = RMSNorm(config.width, eps=NORM_EPS)
         self.mlp = SideMLP(config.width, config.ffn_width)
 
     def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor, cache: SideCache | None = None,
@@ -217,14 +225,19 @@ class SideNetwork(nn.Module):
     gradient. Adam makes no update from the all-zero first gradients (its moments stay zero).
     """
 
-    def __init__(self, config: SideConfig) -> None:
+    def __init__(self, config: SideConfig, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = config
+        # The parameters stay float32 (what the optimizer updates: a bf16 parameter would drop every update
+        # below 2^-8 of its size, as PEFT keeps adapters float32 for the same reason); with a 16-bit backbone
+        # the network computes in the backbone's dtype under autocast (matmuls and attention in 16 bits, the
+        # ops autocast keeps in float32 in float32).
+        self.compute_dtype = compute_dtype
         self.downsamples = nn.ModuleList(make_downsample(config) for _ in range(config.blocks + 1))
         self.blocks = nn.ModuleList(SideBlock(config) for _ in range(config.blocks))
         # gamma = 0: each gate starts halfway between the backbone's tap and the side block's output
         self.gates = nn.Parameter(torch.zeros(config.blocks))
-        self.norm = nn.RMSNorm(config.width, eps=NORM_EPS)
+        self.norm = RMSNorm(config.width, eps=NORM_EPS)
         self.upsample = nn.Linear(config.width, config.backbone_width)
         self.mix = nn.Parameter(torch.ones(()))
         self._cache: SideCache | None = None  # set only while decoding (see `decoding`)
@@ -240,10 +253,19 @@ class SideNetwork(nn.Module):
             self._cache = None
 
     def side_output(self, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
-        """upsample(norm(h_gN)) from the backbone's taps (B, T, d), in the side network's dtype."""
+        """upsample(norm(h_gN)) from the backbone's taps (B, T, d), in the network's compute dtype."""
         if len(taps) != self.config.blocks + 1:
             raise ValueError(f"the side network reads {self.config.blocks + 1} taps, got {len(taps)}")
-        dtype = self.upsample.weight.dtype
+        dtype = self.compute_dtype or self.upsample.weight.dtype
+        with self._autocast(dtype, taps[0].device):
+            return self._side_output(attention_mask, dtype, *taps)
+
+    def _autocast(self, dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+        if dtype == self.upsample.weight.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def _side_output(self, attention_mask: Tensor | None, dtype: torch.dtype, *taps: Tensor) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones(taps[0].shape[:2], dtype=torch.long, device=taps[0].device)
         cache, new = self._cache, taps[0].shape[1]
@@ -261,7 +283,7 @@ class SideNetwork(nn.Module):
 
     def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
         side = self.side_output(attention_mask, *taps).to(head_input.dtype)
-        return self.mix * head_input + (1 - self.mix) * side
+        return (self.mix * head_input + (1 - self.mix) * side).to(head_input.dtype)
 
 
 def side_network(qm: nn.Module) -> SideNetwork:

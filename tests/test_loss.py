@@ -32,6 +32,23 @@ def test_gradients_equal_reference_for_hidden_weight_and_bias():
         torch.testing.assert_close(a.grad, r.grad)
 
 
+def test_bf16_loss_and_gradients_are_the_fp32_logits_reference():
+    """bf16 hidden states and head: the bf16 logits are taken to float32 before the log-softmax, as the reference
+    takes the whole bf16 product; gradients come back in each input's dtype, within bf16 rounding."""
+    h, w, b, labels = case(dtype=torch.bfloat16, vocab=300, hidden=32)
+    ours = [t.clone().requires_grad_() for t in (h, w, b)]
+    ref = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = linear_cross_entropy(*ours, labels, chunk_tokens=4)
+    expected = linear_cross_entropy_reference(*ref, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    for a, r in zip(ours, ref, strict=True):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad, r.grad, rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_float64(bias):
     h, w, b, labels = case(torch.float64, batch=2, seq=5, hidden=6, vocab=11, bias=bias)

@@ -134,6 +134,16 @@ def test_bf16_activations():
     torch.testing.assert_close(y, F.linear(x, decode(q).bfloat16(), bias.bfloat16()))
 
 
+def test_bf16_input_gradient_equals_reference():
+    q = quantize_nf4(weight(32, 64))
+    x = torch.randn(2, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+    reference = x.detach().clone().requires_grad_()
+    nf4_linear_from(x, q).sum().backward()
+    F.linear(reference, decode(q).bfloat16()).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, reference.grad)
+
+
 # --- autograd -----------------------------------------------------------------------------------------
 
 
