@@ -26,12 +26,13 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 def test_every_training_configuration_steps_in_either_dtype(config, dtype):
     if config == "qlora" and not HAS_PEFT:
         pytest.skip("QLoRA needs peft (the bench extra)")
-    module, optimizer = build_training(config, make_llama().to(dtype))
+    module, optimizer = build_training(config, make_llama(), dtype)
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     before = [p.detach().clone() for p in trained]
     loss = train_step(module.train(), optimizer, random_ids((2, 16)))
     assert torch.isfinite(torch.tensor(loss))
     assert any(not torch.equal(b, p) for b, p in zip(before, trained))
+    assert module(input_ids=random_ids((2, 16))).logits.dtype == dtype
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="the bnb peer is built with bench_qst's helpers (peft)")

@@ -41,7 +41,7 @@ import torch
 
 from benchlib import Bench, PteFigures, full_finetuning, logits_of, main
 
-TRAINED = ("lrqat-w4", "lrqat-w4-packed", "lrqat-w4-nockpt", "lrqat-w4a8", "peqa-w4", "full-ft", "torchao-qat",
+TRAINED = ("lrqat-w4", "lrqat-w4-packed", "lrqat-w4-nockpt", "lrqat-w4-bf16", "lrqat-w4a8", "peqa-w4", "full-ft", "torchao-qat",
            "torchao-qat-ckpt", "torchao-8da4w-qat", "torchao-8da4w-qat-ckpt")
 EVAL_ONLY = ("fp", "rtn-w4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
@@ -49,7 +49,8 @@ PEER = "torchao-qat"  # ratios are quoted against full-model QAT, as in the pape
 # like for like: the 8da4w configurations against torchao's 8da4w QAT, not its weight-only one
 PAIRS = {"lrqat-w4a8": "torchao-8da4w-qat", "torchao-8da4w-qat-ckpt": "torchao-8da4w-qat"}
 LRQAT_VARIANTS = {"lrqat-w4-packed": ("lrqat-w4", {"phi_format": "int-packed"}),
-                  "lrqat-w4-nockpt": ("lrqat-w4", {"checkpoint": "none"})}
+                  "lrqat-w4-nockpt": ("lrqat-w4", {"checkpoint": "none"}),
+                  "lrqat-w4-bf16": ("lrqat-w4", {"dtype": torch.bfloat16})}
 GROUP_SIZE_8DA4W = 32  # lrqat-w4a8's weight group size, and ExecuTorch's 8da4w default
 PREFILL_TOKENS = 128  # the .pte prefill timed and compared: 1 x 128 held-out tokens, as tools/bench_export.py
 PREFILL_REPEATS = 5  # timed .pte prefills after one warm-up; the median is reported

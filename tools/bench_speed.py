@@ -10,8 +10,8 @@ the peer named in the row, with the issue's target beside them (checked here, no
 
 Training (SmolLM2-135M, batch x block tokens of the pydoc text, AdamW): lrqat-w4 (qgraph), torchao's
 full-model QAT (IntxFakeQuantizeConfig int4 per channel), qst-nf4 (qgraph), PEFT + bitsandbytes QLoRA (r=16,
-every decoder linear), each with the model loaded in float32 and in bfloat16 (bitsandbytes computing in the
-model's dtype).
+every decoder linear), each in float32 and in bfloat16: qgraph's through `transform(..., dtype=torch.bfloat16)`
+on the float32 model, the peers on `model.to(torch.bfloat16)` (bitsandbytes computing in the model's dtype).
 Generation: the same prompt (prompt tokens of the held-out text) and greedy new tokens from qgraph's nf4
 module (KV-cached decode graph) and transformers + bitsandbytes NF4 `generate`; from qgraph's finalized
 lrqat-w4 (int4) and transformers' float32 `generate`; qgraph's nf4 without its KV cache for scale. Each pair
@@ -79,31 +79,35 @@ class Report:
 # --- building ---------------------------------------------------------------------------------------------
 
 
-def smollm2(dtype: torch.dtype) -> torch.nn.Module:
+def smollm2() -> torch.nn.Module:
+    """SmolLM2-135M in float32, as qgraph.models loads it."""
     from qgraph.models import load_smollm2
 
     model, _ = load_smollm2(progress=False)
-    return model.to(dtype)
+    return model
 
 
-def build_training(config: str, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """(module, optimizer) of a training configuration over `model` (which it may change in place)."""
+def build_training(config: str, model: torch.nn.Module,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(module, optimizer) of a training configuration over the float32 `model` (which it may change in place),
+    training in `dtype`: qgraph's through transform(dtype=), the peers on `model.to(dtype)`."""
     import qgraph
     from bench_lrqat import torchao_qat
     from bench_qst import lora
     from qgraph.side_network import SIDE_NETWORK_LR
 
+    cast = {} if dtype == torch.float32 else {"dtype": dtype}
     if config == "lrqat-w4":
-        qm = qgraph.transform(model, "lrqat-w4", kv_cache=False)
+        qm = qgraph.transform(model, "lrqat-w4", kv_cache=False, **cast)
         return qm, torch.optim.AdamW(qgraph.param_groups(qm, lr_ab=1e-3, lr_s=1e-5), betas=(0.9, 0.95))
     if config == "qst-nf4":
-        qm = qgraph.transform(model, "qst-nf4", kv_cache=False)
+        qm = qgraph.transform(model, "qst-nf4", kv_cache=False, **cast)
         return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95),
                                      weight_decay=0.0)
     if config == "torchao-qat":
-        return torchao_qat(model, checkpointing=False)
+        return torchao_qat(model.to(dtype), checkpointing=False)
     if config == "qlora":
-        return lora(model, quantize=True, checkpointing=False)
+        return lora(model.to(dtype), quantize=True, checkpointing=False)
     raise ValueError(f"unknown training configuration {config!r}; choose from {', '.join(TRAIN_CONFIGS)}")
 
 
@@ -161,7 +165,7 @@ def training_rounds(report: Report, args: argparse.Namespace, progress: Progress
     for dtype_name in args.dtypes:
         for config in args.train:
             torch.manual_seed(SEED)
-            modules[f"{config}/{dtype_name}"] = build_training(config, smollm2(DTYPES[dtype_name]))
+            modules[f"{config}/{dtype_name}"] = build_training(config, smollm2(), DTYPES[dtype_name])
             progress.advance(task)
     task = progress.add_task("training steps, every configuration in turn", total=len(stream) * len(modules))
     for round_index, input_ids in enumerate(stream):
@@ -183,7 +187,7 @@ def generation_rounds(report: Report, args: argparse.Namespace, progress: Progre
     _, heldout_text = train_heldout_split()
     prompt = token_blocks(heldout_text, tokenizer, args.prompt_tokens)[0][None]
     task = progress.add_task("building generation configurations", total=1)
-    generators = build_generators(lambda: smollm2(torch.float32), prompt, args.new_tokens)
+    generators = build_generators(smollm2, prompt, args.new_tokens)
     progress.advance(task)
     outputs: dict[str, torch.Tensor] = {}
     task = progress.add_task("greedy generation, every configuration in turn",

@@ -24,7 +24,9 @@ How it is computed, and why:
 Dtypes: Z, W_int and s * W_int are computed in the scale's dtype promoted to at least float32
 (`weight_dtype`), so that phi^-1(Phi0) + c * A @ B keeps its fractional bits for bf16 activations;
 the integer weight is then cast to x's dtype (exactly: it holds small integers) for the matmul. The
-weight-side gradients are formed in that same rebuild dtype.
+weight-side gradients come out in that same rebuild dtype. With 16-bit activations and per-channel scales,
+the rank-r products of the backward run in 16 bits on the activations as they come (16-bit matmuls
+accumulate in float32, and so do ds's sums over tokens) rather than on float32 copies of them.
 """
 
 from collections.abc import Callable
@@ -264,23 +266,26 @@ def lrqat_linear_backward(
 def _per_channel_low_rank_grads(grad_rows, x, output, w_int, scale, bias, lora_a, lora_b, lora_scale, rows,
                                 in_range_rows, needs_grad):
     _, needs_a, needs_b, needs_scale, _ = needs_grad
-    dtype = w_int.dtype
+    dtype = w_int.dtype  # the gradients' dtype: the rebuild's, float32 at least
+    # 16-bit activations stay 16-bit: the rank-r products run as 16-bit matmuls (which accumulate in float32)
+    # on the gradient and input as they come, instead of on float32 copies of both (tokens x features each)
+    compute = grad_rows.dtype if grad_rows.element_size() < 4 else dtype
     s = scale[:, 0].to(dtype)
-    grad = grad_rows.to(dtype)
+    grad = grad_rows.to(compute)
     grad_a = grad_b = grad_scale = None
     if needs_a or needs_b:
-        x_rows = x.reshape(-1, w_int.shape[1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        x_rows = x.reshape(-1, w_int.shape[1]).to(compute)
         # dZ = c s G M, G = grad^T x: the per-row factor c s scales the rank-r factors, never a (tokens, out)
         # or (out, in) tensor
         row_factor = (lora_scale * s).unsqueeze(1)
         if needs_a:
-            grad_a = (grad.T @ (x_rows @ b.T)).mul_(row_factor)
+            grad_a = (grad.T @ (x_rows @ lora_b.to(compute).T)).to(dtype).mul_(row_factor)
         if needs_b:
-            grad_b = (grad @ (a * row_factor)).T @ x_rows
+            grad_b = ((grad @ (lora_a.to(dtype) * row_factor).to(compute)).T @ x_rows).to(dtype)
         if rows.numel():
-            saturated = (grad.index_select(1, rows).T @ x_rows).masked_fill_(in_range_rows, 0)  # G where M = 0
-            _remove_saturated(grad_a, grad_b, saturated.mul_(row_factor.index_select(0, rows)), rows, a, b)
+            saturated = (grad.index_select(1, rows).T @ x_rows).to(dtype).masked_fill_(in_range_rows, 0)  # G, M = 0
+            _remove_saturated(grad_a, grad_b, saturated.mul_(row_factor.index_select(0, rows)), rows,
+                              lora_a.to(dtype), lora_b.to(dtype))
     if needs_scale:
         grad_scale = _per_channel_scale_grad(grad, output, x, w_int, s, bias).unsqueeze(1)
     return grad_a, grad_b, grad_scale
@@ -289,22 +294,23 @@ def _per_channel_low_rank_grads(grad_rows, x, output, w_int, scale, bias, lora_a
 def _per_channel_scale_grad(grad: Tensor, output: Tensor, x: Tensor, w_int: Tensor, s: Tensor,
                             bias: Optional[Tensor]) -> Tensor:
     """ds_i = sum_t grad_ti u_ti, u = x @ W_int^T, read off y = u * s + bias as
-    (sum_t grad_ti y_ti - bias_i sum_t grad_ti) / s_i. Rows whose scale is too small to divide by (zero,
-    or below the square root of the dtype's tiny) are computed from x instead."""
+    (sum_t grad_ti y_ti - bias_i sum_t grad_ti) / s_i, in s's dtype. The sums over tokens accumulate in
+    float32 (at least) whatever the activations' dtype. Rows whose scale is too small to divide by (zero, or
+    below the square root of the dtype's tiny) are computed from x instead."""
+    dtype = s.dtype
     x_rows = x.reshape(-1, w_int.shape[1])
     if bias is not None and output.element_size() < 4:
         # a 16-bit y = u s + b keeps b's ulp, not u s's: with a large bias, (y - b) / s has lost u's bits
         # (bf16, |b| ~ 300: ds off by 4%), so u is formed again, one matmul the forward's size
-        return (grad * (x_rows.to(grad.dtype) @ w_int.T)).sum(0)
-    y = output.reshape(grad.shape).to(grad.dtype)
-    total = (grad * y).sum(0)
+        return (grad.to(dtype) * (x_rows.to(dtype) @ w_int.T)).sum(0)
+    total = (grad * output.reshape(grad.shape).to(grad.dtype)).sum(0, dtype=dtype)
     if bias is not None:
-        total = total - bias.to(grad.dtype) * grad.sum(0)
+        total = total - bias.to(dtype) * grad.sum(0, dtype=dtype)
     grad_scale = total / s
     tiny = (s.abs() < torch.finfo(s.dtype).tiny ** 0.5).nonzero().squeeze(1)
     if tiny.numel():
-        u = x_rows.to(grad.dtype) @ w_int.index_select(0, tiny).T
-        grad_scale[tiny] = (grad.index_select(1, tiny) * u).sum(0)
+        u = x_rows.to(dtype) @ w_int.index_select(0, tiny).T
+        grad_scale[tiny] = (grad.index_select(1, tiny).to(dtype) * u).sum(0)
     return grad_scale
 
 

@@ -202,6 +202,28 @@ def test_backward_op_opcheck_and_empty_gradients_not_asked_for(x_dtype):
     assert [g.dtype for g in grads] == [x_dtype, torch.float32, torch.float32, torch.float32, x_dtype]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_gradients_equal_the_float64_reference_within_bf16_rounding(bias):
+    """bf16 activations, float32 A, B, s: the backward's 16-bit rank-r products (saturated rows included) and
+    float32-accumulated ds against autograd through the reference on the same values in float64."""
+    layer = make_layer("fixed", 4, -1, dtype=torch.float32, lora_a_std=2.0)
+    layer["x"] = (torch.randn(4, 64, IN, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+                  .requires_grad_())
+    layer["bias"] = (layer["bias"].detach().to(torch.bfloat16).requires_grad_() if bias else None)
+    exact = {name: (value.detach().double().requires_grad_() if isinstance(value, torch.Tensor) and name != "phi0"
+                    else value) for name, value in layer.items()}
+    y = lrqat_linear(**layer)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y.backward(grad_out)
+    lrqat_linear_reference(**exact).backward(grad_out.double())
+    for name in TRAINABLE:
+        if layer[name] is None:
+            continue
+        got, want = layer[name].grad, exact[name].grad
+        assert got.dtype == layer[name].dtype, name
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2, name
+
+
 def test_scale_gradient_with_a_large_bias_in_bf16():
     # a bf16 output keeps the bias's ulp: ds cannot be read off it, and is formed from x instead
     layer = make_layer("fixed", 4, -1, dtype=torch.float32)
