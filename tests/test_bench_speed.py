@@ -59,3 +59,16 @@ def test_the_table_quotes_each_target_against_its_peer_and_fails_different_token
     assert "| 0.50x | >= 1x | no |" in table
     assert "qst-nf4 vs QLoRA" not in table  # not measured: no row
     assert "| qgraph-nf4 | 20.0 | transformers-bnb-nf4: NO |" in table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qst_split_parts_run_and_the_table_takes_the_backbone_as_the_rest(dtype):
+    parts = bench_speed.build_qst_split(make_llama(), make_llama(), dtype, random_ids((2, 16)))
+    assert set(parts) == set(bench_speed.QST_SPLIT) - {"backbone forward"}
+    report = Report({"new_tokens": 1})
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    for part, call in parts.items():
+        call()
+        report.seconds[f"qst-split/{name}/{part}"] = [1.0 if part == "step" else 0.1]
+    table = markdown_table(report)
+    assert "| backbone forward | 0.700 | 70% |" in table and "| side network | 0.100 | 10% |" in table

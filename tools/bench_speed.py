@@ -204,6 +204,95 @@ def generation_rounds(report: Report, args: argparse.Namespace, progress: Progre
             report.same_tokens[name] = torch.equal(outputs[name], outputs[reference])
 
 
+QST_SPLIT = ("step", "side network", "head + loss", "optimizer", "backbone forward", "nf4 forward (logits)")
+
+
+def build_qst_split(model: torch.nn.Module, nf4_model: torch.nn.Module, dtype: torch.dtype,
+                    input_ids: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Part -> a call that runs that part of a qst-nf4 training step on `input_ids` alone: the side network's
+    and the head's forward and backward replayed on the inputs they got in a real step, the optimizer step,
+    the whole step; and the plain nf4 plan's forward (with its logits) for the backbone's cost without QST.
+    The backbone's forward inside the step is what the step leaves when the other parts are taken out."""
+    import qgraph
+    from qgraph.graph import get_attr_tensor
+    from qgraph.loss import linear_cross_entropy
+    from qgraph.side_network import side_network
+
+    qm, optimizer = build_training("qst-nf4", model, dtype)
+    qm.train()
+    cast = {} if dtype == torch.float32 else {"dtype": dtype}
+    nf4 = qgraph.transform(nf4_model, "nf4", kv_cache=False, **cast)
+    side = side_network(qm)
+    seen: dict[str, object] = {}
+    handle = side.register_forward_hook(lambda module, args, out: seen.update(args=args, out=out))
+    train_step(qm, optimizer, input_ids)  # a real step: the side network's inputs and output
+    handle.remove()
+    side_args = [a.detach() if isinstance(a, torch.Tensor) else a for a in seen["args"]]
+    head_input = seen["out"].detach().requires_grad_()
+    head = qm.info.lm_head
+    weight = get_attr_tensor(qm.graph_module, head.weight)
+    bias = get_attr_tensor(qm.graph_module, head.bias) if head.bias else None
+    side_grad = torch.randn_like(head_input)
+
+    def side_step() -> None:
+        side(*side_args).backward(side_grad)
+
+    def head_step() -> None:
+        linear_cross_entropy(head_input, weight, bias, input_ids, chunk_tokens=head.chunk_tokens).backward()
+
+    def optimizer_step() -> None:
+        for param in qm.trainable_parameters():  # the step's gradients, as after a backward
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def nf4_forward() -> None:
+        with torch.no_grad():
+            nf4(input_ids=input_ids)
+
+    return {"step": lambda: train_step(qm, optimizer, input_ids), "side network": side_step,
+            "head + loss": head_step, "optimizer": optimizer_step, "nf4 forward (logits)": nf4_forward}
+
+
+def qst_split_rounds(report: Report, args: argparse.Namespace, progress: Progress) -> None:
+    from qgraph.data import batches, token_blocks, train_heldout_split
+    from qgraph.models import load_smollm2
+
+    _, tokenizer = load_smollm2(progress=False)
+    train_text, _ = train_heldout_split()
+    input_ids = next(iter(batches(token_blocks(train_text, tokenizer, args.block_len), args.batch_size, seed=SEED,
+                                  steps=1)))
+    for dtype_name in args.dtypes:
+        parts = build_qst_split(smollm2(), smollm2(), DTYPES[dtype_name], input_ids)
+        task = progress.add_task(f"qst-nf4 step split ({dtype_name})", total=(args.rounds + 1) * len(parts))
+        for round_index in range(args.rounds + 1):
+            for part, call in parts.items():
+                seconds, _ = timed(call)
+                if round_index:
+                    report.seconds.setdefault(f"qst-split/{dtype_name}/{part}", []).append(seconds)
+                progress.advance(task)
+        parts.clear()
+        gc.collect()
+
+
+def split_table(report: Report) -> list[str]:
+    """The qst-nf4 step taken apart, per dtype: median seconds and the share of the step."""
+    dtypes = [d for d in DTYPES if f"qst-split/{d}/step" in report.seconds]
+    if not dtypes:
+        return []
+    rows = ["", "| qst-nf4 step, part | " + " | ".join(f"{d} (s) | {d} share" for d in dtypes) + " |",
+            "|---|" + "---:|---:|" * len(dtypes)]
+    medians = {d: {part: report.median(f"qst-split/{d}/{part}") for part in QST_SPLIT if part != "backbone forward"}
+               for d in dtypes}
+    for d in dtypes:
+        parts = medians[d]
+        parts["backbone forward"] = parts["step"] - parts["side network"] - parts["head + loss"] - parts["optimizer"]
+    for part in QST_SPLIT:
+        cells = [f"{medians[d][part]:.3f} | {medians[d][part] / medians[d]['step']:.0%}" for d in dtypes]
+        rows.append(f"| {part} | " + " | ".join(cells) + " |")
+    return rows
+
+
 # --- the table --------------------------------------------------------------------------------------------
 
 
@@ -232,7 +321,7 @@ def markdown_table(report: Report) -> str:
             same = report.same_tokens.get(config)
             check = "" if same is None else f"{SAME_TOKENS[config]}: {'yes' if same else 'NO'}"
             rows.append(f"| {config} | {tokens_per_second(report, config):.1f} | {check} |")
-    return "\n".join(rows)
+    return "\n".join(rows + split_table(report))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-len", type=int, default=128)
     parser.add_argument("--no-generation", action="store_true")
+    parser.add_argument("--qst-split", action="store_true",
+                        help="also take a qst-nf4 step apart (side network, head and loss, optimizer, backbone)")
     parser.add_argument("--gen-rounds", type=int, default=3, help="timed generation rounds (after one warm-up)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -259,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     with Progress(console=console) as progress:
         if args.train:
             training_rounds(report, args, progress)
+        if args.qst_split:
+            qst_split_rounds(report, args, progress)
         if not args.no_generation:
             generation_rounds(report, args, progress)
     table = markdown_table(report)
