@@ -76,18 +76,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             x, y = hidden[rows], targets[rows]
-            logits = F.linear(x, weight, bias).to(dtype)
+            log_probs = _log_softmax(F.linear(x, weight, bias), dtype)
             counted = y != IGNORE_INDEX
             safe_y = torch.where(counted, y, 0)
-            log_z = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_y[:, None]).squeeze(1)
-            total = total + ((log_z - picked) * counted).sum()
+            total = total - (log_probs.gather(1, safe_y[:, None]).squeeze(1) * counted).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             # d(sum CE)/d logits = softmax - one_hot(target), zero on skipped rows; built in place
-            grad_logits = logits.sub_(log_z[:, None]).exp_()
+            grad_logits = log_probs.exp_()
             grad_logits[torch.arange(len(y)), safe_y] -= 1.0
-            grad_logits.mul_(counted[:, None])
+            if not bool(counted.all()):
+                grad_logits.mul_(counted[:, None])
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -103,6 +102,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
         return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None
+
+
+def _log_softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log_softmax of a chunk's logits in `dtype`: in place when they are in it already (the chunk's one
+    vocabulary-sized tensor); from 16-bit logits, one fused kernel that reads them and writes `dtype` (no
+    separate upcast copy)."""
+    if logits.dtype == dtype:
+        return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    return torch.log_softmax(logits, dim=-1, dtype=dtype)
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
