@@ -71,7 +71,7 @@ def transform(
     cast = cast_copy(model, dtype) if dtype is not None else None
     source = model if cast is None else cast.model
     gm = capture(source, example_inputs, weights_of=model)
-    capture_info(gm).cast_to = dtype
+    capture_info(gm).cast_to = dtype if cast is not None and cast.sources else None  # None: nothing was cast
     report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
     context = PassContext(example_inputs=capture_info(gm).example_inputs, sources={} if cast is None else cast.sources)
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)

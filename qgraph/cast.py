@@ -66,7 +66,6 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return nn.Parameter(data, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
 
 
-
 def cast_summary(cast: CastModel, dtype: torch.dtype, gm: nn.Module) -> str:
     """The report's line: how many tensors the graph holds cast, and how many the passes quantized instead."""
     held = {name for name, _ in gm.named_parameters(remove_duplicate=False)} | {
