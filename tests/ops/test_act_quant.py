@@ -86,12 +86,16 @@ def ste_surrogate(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.minimum(x, high.to(x.dtype)), low.to(x.dtype))
 
 
-def test_backward_is_the_in_range_mask_times_the_gradient():
-    x = activations("normal", torch.float32).requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_is_the_in_range_mask_times_the_gradient(dtype):
+    x = activations("normal", dtype).requires_grad_()
     grad_out = torch.randn_like(x)
     fake_quant_act_int8_per_token(x).backward(grad_out)
     assert torch.equal(x.grad, grad_out * in_range_mask(x.detach()))
-    assert torch.equal(x.grad, grad_out)  # the range covers each token's min and max: everything passes
+    if dtype == torch.float32:  # the range covers each token's min and max: everything passes
+        assert torch.equal(x.grad, grad_out)
+    else:  # in bf16 a token's extreme can land one code past the grid, where the clamp does cut it
+        assert x.grad.dtype == torch.bfloat16 and (x.grad == grad_out).float().mean() > 0.99
 
 
 def test_gradcheck_float64_against_the_ste_surrogate():

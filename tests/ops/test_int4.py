@@ -1,11 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qgraph.ops.int4 import fold_lrqat_weight, int4_linear
 from qgraph.ops.lrqat import lrqat_linear, phi0_from_weight
 from qgraph.quant.downcast import PHI_FORMATS, pack_codes, unpack_codes
-from qgraph.quant.uniform import init_scale, quantize_to_codes
+from qgraph.quant.uniform import dequantize, init_scale, quantize_to_codes
 
 OUT, IN, RANK, LORA_SCALE = 16, 32, 4, 0.25
 
@@ -77,6 +78,21 @@ def test_gradcheck_input_and_bias(bits):
     x = torch.randn(2, 3, IN, generator=generator, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(OUT, generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(int4_linear, (x, codes, scale, bias, bits, 8, IN))
+
+
+@pytest.mark.parametrize("group_size", [-1, 8])
+def test_bf16_input_and_bias_gradients_equal_the_reference(group_size):
+    codes, scale, bits, group_size = deployed_args(trained_layer("fixed", 4, group_size))
+    x = torch.randn(2, 3, IN, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(OUT, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(2, 3, OUT, dtype=torch.bfloat16)
+    int4_linear(x, codes, scale, bias, bits, group_size, IN).backward(grad_out)
+    weight = dequantize(unpack_codes(codes, bits, IN).float(), scale, group_size)
+    x_ref, bias_ref = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    F.linear(x_ref, weight.double(), bias_ref).backward(grad_out.double())
+    assert x.grad.dtype == bias.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bias.grad.double(), bias_ref.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_trainable_scale_is_refused():
