@@ -38,6 +38,9 @@ MASK_INPUT = "attention_mask"
 aten = torch.ops.aten
 
 
+SIDE_COMPUTE_DTYPES = ("float32", "backbone")
+
+
 @dataclass(frozen=True)
 class SideTapsOptions:
     r: int = 16  # reduction: side width = d / r, side FFN width = FFN width / r
@@ -53,9 +56,17 @@ class SideTapsOptions:
     # starts as the backbone layer it taps, pruned to the side width by weight magnitude (Ladder
     # Side-Tuning; qgraph/side_init.py has the rule), read from the dequantized NF4 weights
     init: str = "random"
+    # what the side network computes in (its parameters stay float32 either way): "float32", or "backbone",
+    # the backbone's activation dtype under autocast (bf16 after transform(dtype=torch.bfloat16)). float32 by
+    # default: at SmolLM2's side width (36) bf16 made the side network's forward and backward 2.5x slower on
+    # the CPU (110 -> 271 ms, batch 2 x 128): its matmuls are too narrow to gain, and every op pays the casts
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_positive("r", self.r, "16 is the paper's default")
+        if self.compute_dtype not in SIDE_COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(SIDE_COMPUTE_DTYPES)} (the side network's "
+                             f"parameters stay float32 either way), got {self.compute_dtype!r}")
         if self.init not in INIT_KINDS:
             raise ValueError(f"init must be one of {', '.join(INIT_KINDS)}, got {self.init!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -383,7 +394,8 @@ def _side_network(gm: fx.GraphModule, tapped: list[Block], head: LinearSite, con
     pruned = pruned_init(gm, tapped, head, config) if options.init == "pruned" else None
     with torch.random.fork_rng(devices=[]):  # built on the CPU from a private stream, then moved
         torch.manual_seed(options.seed)
-        side = SideNetwork(config, compute_dtype=_activation_dtype(head))  # gates, upsample: random either way
+        compute = _activation_dtype(head) if options.compute_dtype == "backbone" else None
+        side = SideNetwork(config, compute_dtype=compute)  # gates and upsample: random either way
     if pruned is not None:
         load_pruned(side, pruned)
     return side.to(_device(gm)), pruned

@@ -229,9 +229,9 @@ class SideNetwork(nn.Module):
         super().__init__()
         self.config = config
         # The parameters stay float32 (what the optimizer updates: a bf16 parameter would drop every update
-        # below 2^-8 of its size, as PEFT keeps adapters float32 for the same reason); with a 16-bit backbone
-        # the network computes in the backbone's dtype under autocast (matmuls and attention in 16 bits, the
-        # ops autocast keeps in float32 in float32).
+        # below 2^-8 of its size, as PEFT keeps adapters float32 for the same reason). compute_dtype (None: the
+        # parameters' dtype) runs the network in another dtype under autocast: matmuls and attention in 16
+        # bits, what autocast keeps in float32 in float32 (attach_side_taps' compute_dtype="backbone").
         self.compute_dtype = compute_dtype
         self.downsamples = nn.ModuleList(make_downsample(config) for _ in range(config.blocks + 1))
         self.blocks = nn.ModuleList(SideBlock(config) for _ in range(config.blocks))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qgraph
-from qgraph.errors import PretrainedError, QGraphError
+from qgraph.errors import PlanError, PretrainedError, QGraphError
 from qgraph.side_network import side_network
 from tests.conftest import make_llama, random_ids, train_steps
 
@@ -47,9 +47,10 @@ def test_quantized_from_the_float32_weights_not_their_bf16_cast(plan):
     assert any(not torch.equal(ours[name].to(cast[name].dtype), cast[name]) for name in quantized)
 
 
-@pytest.mark.parametrize("plan", ["lrqat-w4", "qst-nf4"])
-def test_bf16_training_lowers_the_loss_with_float32_trainable_tensors(plan):
-    qm = qgraph.transform(make_llama(), plan, dtype=BF16, kv_cache=False)
+@pytest.mark.parametrize(("plan", "options"), [("lrqat-w4", {}), ("qst-nf4", {}),
+                                               ("qst-nf4", {"compute_dtype": "backbone"})])
+def test_bf16_training_lowers_the_loss_with_float32_trainable_tensors(plan, options):
+    qm = qgraph.transform(make_llama(), plan, dtype=BF16, kv_cache=False, **options)
     ids = random_ids((2, 16))
     start = qm(input_ids=ids, labels=ids).loss.item()
     train_steps(qm, ids, steps=8, lr=3e-3)
@@ -57,17 +58,24 @@ def test_bf16_training_lowers_the_loss_with_float32_trainable_tensors(plan):
     assert {p.dtype for p in qm.trainable_parameters()} == {torch.float32}
 
 
-def test_side_network_computes_in_bf16_from_float32_parameters():
-    qm = qgraph.transform(make_llama(), "qst-nf4", dtype=BF16, kv_cache=False)
-    side = side_network(qm)
+def test_side_network_computes_in_float32_by_default_and_in_bf16_when_asked():
+    default = side_network(qgraph.transform(make_llama(), "qst-nf4", dtype=BF16, kv_cache=False))
+    assert default.compute_dtype is None and default.upsample.weight.dtype == torch.float32
+    side = side_network(qgraph.transform(make_llama(), "qst-nf4", dtype=BF16, kv_cache=False,
+                                         compute_dtype="backbone"))
     assert side.compute_dtype == BF16 and side.upsample.weight.dtype == torch.float32
     taps = [torch.randn(2, 5, side.config.backbone_width, dtype=BF16) for _ in range(side.config.blocks + 1)]
     with torch.no_grad():
         ours = side.side_output(None, *taps)
         side.compute_dtype = None
-        fp32 = side.side_output(None, *(t.float() for t in taps))
+        fp32 = side.side_output(None, *taps)
     assert ours.dtype == BF16 and fp32.dtype == torch.float32
     torch.testing.assert_close(ours.float(), fp32, rtol=5e-2, atol=5e-2)
+
+
+def test_an_unknown_side_compute_dtype_is_refused():
+    with pytest.raises(PlanError, match="compute_dtype must be one of float32, backbone"):
+        qgraph.transform(make_llama(), "qst-nf4", compute_dtype="bf16")
 
 
 def test_step_zero_equals_the_nf4_backbone_in_bf16():

@@ -35,7 +35,7 @@ QST_VARIANTS: dict[str, tuple[dict, float | None]] = {
     "qst-nf4-pruned-linear": ({"init": "pruned", "downsample": "linear"}, None),  # downsamples select channels
     "qst-nf4-r8": ({"r": 8}, None),  # side width d/8 (72 on SmolLM2) instead of d/16
     "qst-nf4-r4": ({"r": 4}, None),  # d/4 (144)
-    "qst-nf4-bf16": ({"dtype": torch.bfloat16}, None),  # transform(dtype=): backbone and side network in bf16
+    "qst-nf4-bf16": ({"dtype": torch.bfloat16}, None),  # transform(dtype=): the backbone in bf16
 }
 TRAINED = (*QST_VARIANTS, "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
