@@ -11,7 +11,7 @@ from rich.console import Console
 from torch import nn
 
 from qgraph.capture import capture, capture_info
-from qgraph.cast import cast_copy, cast_summary, check_dtype
+from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype
 from qgraph.decode import decode_recipe
 from qgraph.errors import PlanError, unknown_name_message
 from qgraph.graph import LINEAR_FORMS
@@ -68,21 +68,20 @@ def transform(
     check_dtype(dtype)
     check_model(model)
     start = time.perf_counter()
-    cast = cast_copy(model, dtype) if dtype is not None else None
-    source = model if cast is None else cast.model
-    gm = capture(source, example_inputs, weights_of=model)
-    capture_info(gm).cast_to = dtype if cast is not None and cast.sources else None  # None: nothing was cast
+    cast = cast_copy(model, dtype) if dtype is not None else CastModel(model)
+    gm = capture(cast.model, example_inputs, weights_of=model)
+    capture_info(gm).cast_to = dtype if cast.sources else None  # None: nothing was cast
     report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
-    context = PassContext(example_inputs=capture_info(gm).example_inputs, sources={} if cast is None else cast.sources)
+    context = PassContext(example_inputs=capture_info(gm).example_inputs, sources=cast.sources)
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
     check_rewrote_linears(plan, report.passes)
-    if cast is not None and cast.sources:
+    if cast.sources:
         report.dtype = cast_summary(cast, dtype, gm)
 
     info = capture_info(gm)
     decode = None
     if kv_cache and info.is_causal_lm:
-        decode = decode_recipe(source, steps, context.made, max_seq_len=info.max_seq_len, skip=skip)
+        decode = decode_recipe(cast.model, steps, context.made, max_seq_len=info.max_seq_len, skip=skip)
         report.decoding = ("KV cache: a decode graph is captured at the first generate and rewritten by the same "
                            "passes, sharing the training graph's tensors")
     elif info.is_causal_lm:

@@ -77,9 +77,9 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None, *,
         # torch.fx keeps the traced submodules themselves: trace a copy of the module tree (sharing
         # the tensors) so that passes rewriting them never touch the user's modules
         traced = model if _is_hf_model(model) or example_inputs is not None else structural_copy(model)
+        digest = weights_digest(model if weights_of is None else weights_of)  # not a tracing failure if it fails
         with _module_tracker(traced) as tracker:
             try:
-                digest = weights_digest(model if weights_of is None else weights_of)
                 if _is_hf_model(model):
                     return _capture_hf(model, example_inputs, digest)
                 return _capture_module(traced, example_inputs, digest)

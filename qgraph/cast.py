@@ -25,7 +25,7 @@ TRAINING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass
 class CastModel:
     """A copy of a model with its floating tensors cast, and the tensors they were cast from, by qualified name
-    (every name a tied tensor has)."""
+    (every name a tied tensor has). CastModel(model): the model itself, nothing cast."""
 
     model: nn.Module
     sources: dict[str, Tensor] = field(default_factory=dict)

@@ -87,6 +87,11 @@ def smollm2() -> torch.nn.Module:
     return model
 
 
+def dtype_option(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transform's keyword for training in `dtype` from the float32 model: none for float32."""
+    return {} if dtype == torch.float32 else {"dtype": dtype}
+
+
 def build_training(config: str, model: torch.nn.Module,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """(module, optimizer) of a training configuration over the float32 `model` (which it may change in place),
@@ -96,7 +101,7 @@ def build_training(config: str, model: torch.nn.Module,
     from bench_qst import lora
     from qgraph.side_network import SIDE_NETWORK_LR
 
-    cast = {} if dtype == torch.float32 else {"dtype": dtype}
+    cast = dtype_option(dtype)
     if config == "lrqat-w4":
         qm = qgraph.transform(model, "lrqat-w4", kv_cache=False, **cast)
         return qm, torch.optim.AdamW(qgraph.param_groups(qm, lr_ab=1e-3, lr_s=1e-5), betas=(0.9, 0.95))
@@ -220,7 +225,7 @@ def build_qst_split(model: torch.nn.Module, nf4_model: torch.nn.Module, dtype: t
 
     qm, optimizer = build_training("qst-nf4", model, dtype)
     qm.train()
-    cast = {} if dtype == torch.float32 else {"dtype": dtype}
+    cast = dtype_option(dtype)
     nf4 = qgraph.transform(nf4_model, "nf4", kv_cache=False, **cast)
     side = side_network(qm)
     seen: dict[str, object] = {}

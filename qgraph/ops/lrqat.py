@@ -275,17 +275,17 @@ def _per_channel_low_rank_grads(grad_rows, x, output, w_int, scale, bias, lora_a
     grad_a = grad_b = grad_scale = None
     if needs_a or needs_b:
         x_rows = x.reshape(-1, w_int.shape[1]).to(compute)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
         # dZ = c s G M, G = grad^T x: the per-row factor c s scales the rank-r factors, never a (tokens, out)
         # or (out, in) tensor
         row_factor = (lora_scale * s).unsqueeze(1)
         if needs_a:
-            grad_a = (grad.T @ (x_rows @ lora_b.to(compute).T)).to(dtype).mul_(row_factor)
+            grad_a = (grad.T @ (x_rows @ b.to(compute).T)).to(dtype).mul_(row_factor)
         if needs_b:
-            grad_b = ((grad @ (lora_a.to(dtype) * row_factor).to(compute)).T @ x_rows).to(dtype)
+            grad_b = ((grad @ (a * row_factor).to(compute)).T @ x_rows).to(dtype)
         if rows.numel():
             saturated = (grad.index_select(1, rows).T @ x_rows).to(dtype).masked_fill_(in_range_rows, 0)  # G, M = 0
-            _remove_saturated(grad_a, grad_b, saturated.mul_(row_factor.index_select(0, rows)), rows,
-                              lora_a.to(dtype), lora_b.to(dtype))
+            _remove_saturated(grad_a, grad_b, saturated.mul_(row_factor.index_select(0, rows)), rows, a, b)
     if needs_scale:
         grad_scale = _per_channel_scale_grad(grad, output, x, w_int, s, bias).unsqueeze(1)
     return grad_a, grad_b, grad_scale
