@@ -17,6 +17,8 @@ gate_up), down; the NF4 ones dequantized as the backbone computes with them.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,7 @@ from qgraph.rewrite import site_weight
 from qgraph.side_init import (
     INIT_KINDS, BackboneBlock, check_prunable, choose_block, hidden_scores, pruned_block_state, top_indices,
 )
-from qgraph.side_network import DOWNSAMPLE_KINDS, SIDE_MODULE, SideConfig, SideNetwork
+from qgraph.side_network import DOWNSAMPLE_KINDS, MIX_KINDS, SIDE_MODULE, SideConfig, SideNetwork
 
 PASS_NAME = "attach_side_taps"
 MASK_INPUT = "attention_mask"
@@ -61,6 +63,14 @@ class SideTapsOptions:
     # default: at SmolLM2's side width (36) bf16 made the side network's forward and backward 2.5x slower on
     # the CPU (110 -> 271 ms, batch 2 x 128): its matmuls are too narrow to gain, and every op pays the casts
     compute_dtype: str = "float32"
+    # how the side output meets the head's input: "gate", a * h + (1 - a) * side with a learned from 1 (the
+    # paper's); "channel", the same with one a per feature; "residual", h + side with the upsample starting
+    # at 0; or "modulate", the gate's plus h * modulation(side) starting at 0 (qgraph/side_network.py)
+    mix: str = "gate"
+    # gamma_i's starting value, so every ladder gate b_i = sigmoid(gamma_i) starts at sigmoid(gate_init): 0 starts
+    # halfway between a tap and the side block's output; above 0 favours the blocks, so the first blocks' gradients
+    # fade less on the way down the ladder (by b per block)
+    gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive("r", self.r, "16 is the paper's default")
@@ -71,6 +81,12 @@ class SideTapsOptions:
             raise ValueError(f"init must be one of {', '.join(INIT_KINDS)}, got {self.init!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)) \
+                or not math.isfinite(self.gate_init):
+            raise ValueError(f"gate_init must be a finite number (sigmoid(gate_init) is each gate's start), "
+                             f"got {self.gate_init!r}")
+        if self.mix not in MIX_KINDS:
+            raise ValueError(f"mix must be one of {', '.join(MIX_KINDS)}, got {self.mix!r}")
         if self.downsample not in DOWNSAMPLE_KINDS:
             raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_KINDS)}, got {self.downsample!r}")
         _check_positive("adapter_rank", self.adapter_rank, "the adapter's bottleneck width, 16 by default")
@@ -158,7 +174,8 @@ def side_config(gm: fx.GraphModule, blocks: list[Block], taps: int, options: Sid
                         "of features); nothing was changed. Fix: pick r so that d/r is even, or set heads to a "
                         f"divisor of {width} that leaves an even head size")
     return SideConfig(backbone_width=hidden, width=width, ffn_width=max(1, ffn_width(blocks[0], hidden) // options.r),
-                      heads=heads, blocks=taps - 1, downsample=options.downsample, adapter_rank=options.adapter_rank)
+                      heads=heads, blocks=taps - 1, downsample=options.downsample, adapter_rank=options.adapter_rank,
+                      mix=options.mix)
 
 
 def _activation_dtype(head: LinearSite) -> torch.dtype | None:
@@ -396,6 +413,8 @@ def _side_network(gm: fx.GraphModule, tapped: list[Block], head: LinearSite, con
         torch.manual_seed(options.seed)
         compute = _activation_dtype(head) if options.compute_dtype == "backbone" else None
         side = SideNetwork(config, compute_dtype=compute)  # gates and upsample: random either way
+        with torch.no_grad():
+            side.gates.fill_(options.gate_init)
     if pruned is not None:
         load_pruned(side, pruned)
     return side.to(_device(gm)), pruned
@@ -435,10 +454,16 @@ def _tap_records(side: SideNetwork, paths: list[str]) -> list[SiteRecord]:
 
 
 def _head_record(side: SideNetwork, head: LinearSite) -> SiteRecord:
-    params, nbytes = _param_count(side.norm, side.upsample)
-    return SiteRecord(head.path, REWRITTEN, params=params + 1, bytes_after=nbytes + side.mix.element_size(),
-                      detail=f"input -> a*h + (1-a)*upsample(norm(h_g)), upsample {side.config.width}->"
-                             f"{side.config.backbone_width}, a=1 (starts as the backbone)")
+    params, nbytes = _param_count(side.norm, side.upsample, *([side.modulation] if side.config.mix == "modulate" else []))
+    upsample = f"upsample {side.config.width}->{side.config.backbone_width}"
+    if side.config.mix == "residual":
+        return SiteRecord(head.path, REWRITTEN, params=params, bytes_after=nbytes,
+                          detail=f"input -> h + upsample(norm(h_g)), {upsample} starting at 0 (starts as the backbone)")
+    gate = f"a ({side.mix.numel()} features)" if side.config.mix == "channel" else "a"
+    modulation = " + h*modulation(norm(h_g))" if side.config.mix == "modulate" else ""
+    return SiteRecord(head.path, REWRITTEN, params=params + side.mix.numel(), bytes_after=nbytes + side.mix.nbytes,
+                      detail=f"input -> a*h + (1-a)*upsample(norm(h_g)){modulation}, {upsample}, {gate}=1 "
+                             "(starts as the backbone)")
 
 
 PASS = PassSpec(PASS_NAME, attach_side_taps, SideTapsOptions,

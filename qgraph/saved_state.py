@@ -306,7 +306,14 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
 def saved_dtype(saved: SavedState) -> torch.dtype | None:
     """The dtype the saved run was transformed with (transform(dtype=)), None for the model's own."""
     name = saved.meta.get("dtype")
-    return None if name is None else getattr(torch, name)
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise PretrainedError(f"{saved.directory / CONFIG_FILE}: its \"dtype\" field is {name!r}, not the name of a "
+                              "torch dtype (such as \"bfloat16\"); the file was edited or damaged. Fix: save the "
+                              "module again")
+    return dtype
 
 
 def check_plan(saved: SavedState, qm: nn.Module) -> None:

@@ -3,7 +3,10 @@ hidden states and corrects its final hidden state.
 
     h_g0 = down_0(h_f0)
     h_gi = (1 - b_i) * down_i(h_fi) + b_i * block_i(h_g(i-1)),   b_i = sigmoid(gamma_i)
-    h    = a * h_head + (1 - a) * upsample(norm(h_gN))
+    h    = a * h_head + (1 - a) * upsample(norm(h_gN))        mix="gate" (the paper's)
+    h    = a * h_head + (1 - a) * upsample(norm(h_gN)), a in R^d  mix="channel": one gate per feature
+    h    = h_head + upsample(norm(h_gN)), upsample starting at 0  mix="residual"
+    h    = gate's h + h_head * modulation(norm(h_gN)), modulation starting at 0   mix="modulate"
 
 It is an ordinary nn.Module that `attach_side_taps` places in the captured graph with call_module, so
 train()/eval(), state_dict and optimizers see it as usual. Nothing in it knows a model family: its
@@ -27,6 +30,8 @@ from qgraph.errors import QGraphError
 
 SIDE_MODULE = "qst_side"  # the side network's attribute on the GraphModule (and its parameters' prefix)
 DOWNSAMPLE_KINDS = ("adapter", "lora", "linear", "maxpool", "avgpool")
+# how the side output meets the head's input (SideNetwork's docstring)
+MIX_KINDS = ("gate", "channel", "residual", "modulate")
 ROPE_THETA = 10000.0
 NORM_EPS = 1e-6
 # AdamW rate for the randomly initialised side network: the best held-out perplexity in
@@ -45,8 +50,11 @@ class SideConfig:
     blocks: int  # one per tapped backbone layer (the embedding tap has a downsample, no block)
     downsample: str = "adapter"
     adapter_rank: int = 16
+    mix: str = "gate"
 
     def __post_init__(self) -> None:
+        if self.mix not in MIX_KINDS:
+            raise ValueError(f"mix must be one of {', '.join(MIX_KINDS)}, got {self.mix!r}")
         if self.downsample not in DOWNSAMPLE_KINDS:
             raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_KINDS)}, got {self.downsample!r}")
         if self.width < 1 or self.backbone_width % self.width:
@@ -214,11 +222,19 @@ def attention_allowed(mask: Tensor) -> Tensor:
 # --- the network -------------------------------------------------------------------------------------------
 
 
+def zero_linear(linear: nn.Linear) -> nn.Linear:
+    """The linear with weight and bias set to 0: a branch that starts silent (as LoRA's B)."""
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+    return linear
+
+
 class SideNetwork(nn.Module):
     """forward(head_input, attention_mask, h_f0, ..., h_fN) -> the head's new input.
 
-    `a` starts at 1, so at step 0 the output is head_input exactly (1 * h + 0 * anything == h for
-    finite values): the transformed model starts as the backbone, as the paper intends. With a = 1
+    mix="gate" (the paper's): `a` starts at 1, so at step 0 the output is head_input exactly (1 * h + 0 * anything
+    == h for finite values): the transformed model starts as the backbone, as the paper intends. With a = 1
     the side network's own gradients are zero (they are scaled by 1 - a), but a's gradient,
     sum(dL/dh * (h_head - upsample(...))), is not: the first Adam step moves a off 1 by about the
     learning rate whatever that gradient's size, and from then on every side parameter gets a
@@ -239,7 +255,12 @@ class SideNetwork(nn.Module):
         self.gates = nn.Parameter(torch.zeros(config.blocks))
         self.norm = RMSNorm(config.width, eps=NORM_EPS)
         self.upsample = nn.Linear(config.width, config.backbone_width)
-        self.mix = nn.Parameter(torch.ones(()))
+        if config.mix == "residual":
+            zero_linear(self.upsample)
+        else:
+            self.mix = nn.Parameter(torch.ones(() if config.mix != "channel" else config.backbone_width))
+        if config.mix == "modulate":
+            self.modulation = zero_linear(nn.Linear(config.width, config.backbone_width))
         self._cache: SideCache | None = None  # set only while decoding (see `decoding`)
 
     @contextlib.contextmanager
@@ -254,18 +275,24 @@ class SideNetwork(nn.Module):
 
     def side_output(self, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
         """upsample(norm(h_gN)) from the backbone's taps (B, T, d), in the network's compute dtype."""
+        return self._side_outputs(attention_mask, *taps)[0]
+
+    def _side_outputs(self, attention_mask: Tensor | None, *taps: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(upsample(norm(h_gN)), modulation(norm(h_gN)) or None), in the network's compute dtype."""
         if len(taps) != self.config.blocks + 1:
             raise ValueError(f"the side network reads {self.config.blocks + 1} taps, got {len(taps)}")
         dtype = self.compute_dtype or self.upsample.weight.dtype
         with self._autocast(dtype, taps[0].device):
-            return self._side_output(attention_mask, dtype, *taps)
+            state = self._side_state(attention_mask, dtype, *taps)
+            modulation = self.modulation(state) if self.config.mix == "modulate" else None
+            return self.upsample(state), modulation
 
     def _autocast(self, dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
         if dtype == self.upsample.weight.dtype:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    def _side_output(self, attention_mask: Tensor | None, dtype: torch.dtype, *taps: Tensor) -> Tensor:
+    def _side_state(self, attention_mask: Tensor | None, dtype: torch.dtype, *taps: Tensor) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones(taps[0].shape[:2], dtype=torch.long, device=taps[0].device)
         cache, new = self._cache, taps[0].shape[1]
@@ -279,11 +306,17 @@ class SideNetwork(nn.Module):
         for i, block in enumerate(self.blocks):
             down = self.downsamples[i + 1](taps[i + 1].to(dtype))
             h = (1 - gates[i]) * down + gates[i] * block(h, rotary, allowed, cache, i)
-        return self.upsample(self.norm(h))
+        return self.norm(h)
 
     def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
-        side = self.side_output(attention_mask, *taps).to(head_input.dtype)
-        return (self.mix * head_input + (1 - self.mix) * side).to(head_input.dtype)
+        side, modulation = self._side_outputs(attention_mask, *taps)
+        side = side.to(head_input.dtype)
+        if self.config.mix == "residual":
+            return head_input + side
+        mixed = self.mix * head_input + (1 - self.mix) * side
+        if modulation is not None:
+            mixed = mixed + head_input * modulation.to(head_input.dtype)
+        return mixed.to(head_input.dtype)
 
 
 def side_network(qm: nn.Module) -> SideNetwork:

@@ -112,8 +112,8 @@ def run_main_capturing(monkeypatch, argv: list[str], bench=None) -> dict:
     """benchlib.main(argv) with run_config replaced by a recorder of what it was called with."""
     seen = {}
 
-    def fake_run_config(bench, config, *args):
-        seen["config"], seen["args"] = config, args
+    def fake_run_config(bench, config, *args, **kwargs):
+        seen["config"], seen["args"], seen["kwargs"] = config, args, kwargs
         return Result(config, 5)
 
     monkeypatch.setattr(benchlib, "run_config", fake_run_config)
@@ -130,9 +130,22 @@ def test_pte_flag_parses_and_puts_the_pte_next_to_the_configuration_json(monkeyp
     without = run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(json_path), "--steps", "5"])
     assert without["args"][-1] is None
     # the parent hands the flag on to each configuration's process, and only when given
-    args = Namespace(steps=5, timing_steps=3, eval_blocks=2, batch_size=1, block_len=64)
+    args = Namespace(steps=5, timing_steps=3, eval_blocks=2, batch_size=1, block_len=64, warmup=0, decay="constant")
     assert "--pte" not in benchlib._shared_flags(args)
     assert benchlib._shared_flags(Namespace(**vars(args), pte=True))[-1] == "--pte"
+
+
+def test_the_learning_rate_schedule_warms_up_then_decays_as_asked(monkeypatch, tmp_path):
+    factors = [benchlib.lr_factor(i, 10, 2, "cosine") for i in range(10)]
+    assert factors[:2] == [1 / 3, 2 / 3] and factors[2] == 1.0
+    assert all(a > b for a, b in zip(factors[2:], factors[3:])) and 0 < factors[-1] < 0.05
+    assert [benchlib.lr_factor(i, 10, 0, "constant") for i in range(10)] == [1.0] * 10
+    seen = run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(tmp_path / "fp.json"), "--steps", "5",
+                                            "--warmup", "2", "--decay", "cosine"])
+    assert seen["kwargs"] == {"warmup": 2, "decay": "cosine"}
+    flags = benchlib._shared_flags(Namespace(steps=5, timing_steps=3, eval_blocks=2, batch_size=1, block_len=64,
+                                             warmup=2, decay="cosine"))
+    assert flags[-4:] == ["--warmup", "2", "--decay", "cosine"]
 
 
 def test_a_bench_without_a_pte_hook_has_no_pte_flag(monkeypatch, tmp_path):

@@ -103,6 +103,20 @@ def test_save_and_load_keep_the_dtype(tmp_path):
         qgraph.from_pretrained(qgraph.transform(make_llama(), "lrqat-w4", kv_cache=False), tmp_path)
 
 
+@pytest.mark.parametrize("field", ["no_such_dtype", "Tensor", 16])
+def test_a_damaged_dtype_field_is_refused_naming_the_field(tmp_path, field):
+    import json
+
+    from qgraph.saved_state import CONFIG_FILE
+
+    qgraph.transform(make_llama(), "lrqat-w4", dtype=BF16, kv_cache=False).save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    meta["dtype"] = field
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(PretrainedError, match=f'"dtype" field is {field!r}, not the name of a torch dtype'):
+        qgraph.from_pretrained(make_llama(), tmp_path)
+
+
 def test_bad_dtypes_are_refused_before_capture(snapshot):
     model = make_llama()
     before = snapshot(model)

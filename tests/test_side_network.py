@@ -2,16 +2,16 @@ import pytest
 import torch
 
 from qgraph.side_network import (
-    DOWNSAMPLE_KINDS, SideCache, SideConfig, SideNetwork, attention_allowed, positions_from_mask, rotary_tables,
+    DOWNSAMPLE_KINDS, MIX_KINDS, SideCache, SideConfig, SideNetwork, attention_allowed, positions_from_mask, rotary_tables,
     rotate,
 )
 
 D, R = 64, 4
 
 
-def config(downsample="adapter", blocks=2, heads=2):
+def config(downsample="adapter", blocks=2, heads=2, mix="gate"):
     return SideConfig(backbone_width=D, width=D // R, ffn_width=64 // R, heads=heads, blocks=blocks,
-                      downsample=downsample, adapter_rank=8)
+                      downsample=downsample, adapter_rank=8, mix=mix)
 
 
 def taps(blocks=2, shape=(2, 10), seed=0):
@@ -19,9 +19,10 @@ def taps(blocks=2, shape=(2, 10), seed=0):
     return [torch.randn(*shape, D, generator=g) for _ in range(blocks + 1)]
 
 
-def test_output_is_the_head_input_exactly_while_a_is_one():
+@pytest.mark.parametrize("mix", MIX_KINDS)
+def test_output_is_the_head_input_exactly_at_the_start(mix):
     torch.manual_seed(0)
-    side = SideNetwork(config())
+    side = SideNetwork(config(mix=mix))
     head = torch.randn(2, 10, D)
     assert torch.equal(side(head, None, *taps()), head)
 
@@ -37,6 +38,42 @@ def test_every_downsample_trains_once_a_leaves_one(kind):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in side.parameters()), kind
     pool = kind.endswith("pool")
     assert (sum(p.numel() for p in side.downsamples.parameters()) == 0) == pool
+
+
+def test_residual_mix_adds_the_side_output_and_starts_at_the_head_input():
+    torch.manual_seed(0)
+    side = SideNetwork(config(mix="residual"))
+    head, mask = torch.randn(2, 10, D), torch.ones(2, 10, dtype=torch.long)
+    assert not hasattr(side, "mix")
+    assert torch.equal(side(head, mask, *taps()), head)
+    side(head, mask, *taps()).square().sum().backward()
+    # step 0: the upsample (from zero) has a gradient, what lies behind it has none yet
+    assert side.upsample.weight.grad.abs().sum() > 0
+    assert side.blocks[0].attn.qkv.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        torch.nn.init.normal_(side.upsample.weight)
+        expected = head + side.side_output(mask, *taps())
+        torch.testing.assert_close(side(head, mask, *taps()), expected)
+    side.zero_grad()
+    side(head, mask, *taps()).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in side.parameters())
+
+
+@pytest.mark.parametrize("mix", ["channel", "modulate"])
+def test_channel_gates_and_modulation_act_per_feature(mix):
+    torch.manual_seed(0)
+    side = SideNetwork(config(mix=mix))
+    head, mask = torch.randn(2, 10, D), torch.ones(2, 10, dtype=torch.long)
+    with torch.no_grad():
+        side.mix.uniform_(0.2, 0.8)
+        if mix == "modulate":
+            torch.nn.init.normal_(side.modulation.weight)
+        up, modulation = side._side_outputs(mask, *taps())
+        expected = side.mix * head + (1 - side.mix) * up + (head * modulation if mix == "modulate" else 0)
+        torch.testing.assert_close(side(head, mask, *taps()), expected)
+    assert side.mix.shape == ((D,) if mix == "channel" else ())
+    side(head, mask, *taps()).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in side.parameters())
 
 
 def test_pooling_takes_max_or_mean_of_r_adjacent_features():
@@ -107,6 +144,7 @@ def test_rotation_keeps_norms_and_makes_scores_relative():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mix": "sum"}, "mix must be one of gate, channel, residual, modulate, got 'sum'"),
     ({"downsample": "conv"}, "downsample must be one of"),
     ({"width": 5}, "side width 5 must divide the backbone width 64"),
     ({"heads": 16}, "16 heads need a side width .16. that splits into heads of even size"),

@@ -35,7 +35,19 @@ QST_VARIANTS: dict[str, tuple[dict, float | None]] = {
     "qst-nf4-pruned-linear": ({"init": "pruned", "downsample": "linear"}, None),  # downsamples select channels
     "qst-nf4-r8": ({"r": 8}, None),  # side width d/8 (72 on SmolLM2) instead of d/16
     "qst-nf4-r4": ({"r": 4}, None),  # d/4 (144)
-    "qst-nf4-bf16": ({"dtype": torch.bfloat16}, None),  # transform(dtype=): the backbone in bf16
+    "qst-nf4-r4-lr3e-3": ({"r": 4}, 3e-3),
+    "qst-nf4-bf16": ({"dtype": torch.bfloat16}, None),
+    "qst-nf4-residual": ({"mix": "residual"}, None),  # h + upsample(side), upsample from 0
+    "qst-nf4-residual-r4": ({"mix": "residual", "r": 4}, None),
+    "qst-nf4-residual-lr3e-3": ({"mix": "residual"}, 3e-3),
+    "qst-nf4-channel": ({"mix": "channel"}, None),  # one gate per feature
+    "qst-nf4-heads3": ({"heads": 3}, None),  # side heads of 12 features, not the backbone's 9 of 4
+    "qst-nf4-heads1": ({"heads": 1}, None),
+    "qst-nf4-lr3e-2": ({}, 3e-2),
+    "qst-nf4-modulate": ({"mix": "modulate"}, None),  # + h * modulation(side), per token and feature
+    "qst-nf4-stride30": ({"layer_stride": 30}, None),  # one side block, on the last layer
+    "qst-nf4-gate2": ({"gate_init": 2.0}, None),  # ladder gates from sigmoid(2) = 0.88: the blocks' stream kept
+    "qst-nf4-gate-2": ({"gate_init": -2.0}, None),  # from 0.12: the taps kept  # transform(dtype=): the backbone in bf16
 }
 TRAINED = (*QST_VARIANTS, "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ class Result:
     losses: list[float] = field(default_factory=list)
     perplexity: float = 0.0
     # the flags it ran with (steps aside), so that --reuse never mixes runs made with different ones
-    settings: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, int | str] = field(default_factory=dict)
     # where memory, peak RSS and step time come from when not from this run (--timing-from)
     timing_from: str = ""
     # held-out perplexity of the deployed form (Bench.deployed) after training; 0 when not measured
@@ -112,6 +113,29 @@ def train_step(module, optimizer, input_ids) -> float:
     return loss.item()
 
 
+DECAYS = ("constant", "cosine")
+
+
+def lr_factor(step: int, steps: int, warmup: int, decay: str) -> float:
+    """The learning rate's multiplier before optimizer step `step` (0-based): linear warmup over `warmup`
+    steps, then constant or a cosine down to 0 at `steps` (transformers' get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if decay == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def scheduled(step: Callable, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Callable:
+    """`step` followed by one step of the learning-rate schedule."""
+    def run(module, optimizer, input_ids) -> float:
+        loss = step(module, optimizer, input_ids)
+        scheduler.step()
+        return loss
+    return run
+
+
 def tracked_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: Callable, stream: Iterator,
                    losses: list[float], device: torch.device | str = "cpu") -> dict[str, int]:
     """MemTracker's peak by category over MEMORY_STEPS steps (the second one has optimizer state)."""
@@ -127,7 +151,7 @@ def tracked_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer, st
 
 
 def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_blocks: int, batch_size: int,
-               block_len: int, pte_path: Path | None = None) -> Result:
+               block_len: int, pte_path: Path | None = None, warmup: int = 0, decay: str = "constant") -> Result:
     from qgraph.data import batches, token_blocks, train_heldout_split
     from qgraph.evaluate import perplexity
     from qgraph.memory import peak_rss_bytes, reset_peak_rss
@@ -138,21 +162,23 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
     train_text, heldout_text = train_heldout_split()
     heldout = token_blocks(heldout_text, tokenizer, block_len)[:eval_blocks]
     result = Result(config, steps if config in bench.trained else 0,
-                    settings=_settings(timing_steps, eval_blocks, batch_size, block_len))
+                    settings=_settings(timing_steps, eval_blocks, batch_size, block_len, warmup, decay))
     reset_peak_rss()
     module, optimizer = bench.build(config, model)
     if optimizer is not None:
         stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, warmup, decay))
+        step = scheduled(train_step, schedule)
         module.train()
-        result.memory = tracked_memory(module, optimizer, train_step, stream, result.losses)
+        result.memory = tracked_memory(module, optimizer, step, stream, result.losses)
         times = []
         for _ in range(timing_steps):
             start = time.perf_counter()
-            result.losses.append(train_step(module, optimizer, next(stream)))
+            result.losses.append(step(module, optimizer, next(stream)))
             times.append(time.perf_counter() - start)
         result.step_seconds = statistics.median(times)
         for input_ids in stream:
-            result.losses.append(train_step(module, optimizer, input_ids))
+            result.losses.append(step(module, optimizer, input_ids))
         module.eval()
     result.peak_rss = peak_rss_bytes()
     result.perplexity = perplexity(lambda ids: logits_of(module, ids), heldout, progress=False)
@@ -190,7 +216,8 @@ def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Re
         if args.reuse and json_path.exists():
             data = json.loads(json_path.read_text())
             ran = {"steps": data["steps"], **data.get("settings", {})}
-            wanted = {"steps": steps, **_settings(args.timing_steps, args.eval_blocks, args.batch_size, args.block_len)}
+            wanted = {"steps": steps, **_settings(args.timing_steps, args.eval_blocks, args.batch_size, args.block_len,
+                                                  args.warmup, args.decay)}
             differ = [f"{k} {ran[k]}, not {v}" for k, v in wanted.items() if k in ran and ran[k] != v]
             if differ:
                 raise SystemExit(f"--reuse: {json_path} ran with other flags ({'; '.join(differ)}); "
@@ -221,13 +248,16 @@ def _take_timing(result: Result, path: Path, args: argparse.Namespace) -> None:
     result.timing_from = str(path)
 
 
-def _settings(timing_steps: int, eval_blocks: int, batch_size: int, block_len: int) -> dict[str, int]:
-    return {"timing_steps": timing_steps, "eval_blocks": eval_blocks, "batch_size": batch_size, "block_len": block_len}
+def _settings(timing_steps: int, eval_blocks: int, batch_size: int, block_len: int, warmup: int = 0,
+              decay: str = "constant") -> dict[str, int | str]:
+    return {"timing_steps": timing_steps, "eval_blocks": eval_blocks, "batch_size": batch_size, "block_len": block_len,
+            "warmup": warmup, "decay": decay}
 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--timing-steps", str(args.timing_steps), "--eval-blocks",
             str(args.eval_blocks), "--batch-size", str(args.batch_size), "--block-len", str(args.block_len),
+            "--warmup", str(args.warmup), "--decay", args.decay,
             *(["--pte"] if getattr(args, "pte", False) else [])]
 
 
@@ -332,6 +362,9 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-blocks", type=int, default=56, help="held-out blocks (56 is the whole split)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-len", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup (every configuration)")
+    parser.add_argument("--decay", choices=DECAYS, default="constant",
+                        help="the learning rate after warmup: constant, or a cosine down to 0 at the last step")
     parser.add_argument("--out", type=Path, default=bench.default_out)
     parser.add_argument("--timing-from", type=Path, metavar="DIR",
                         help="take memory, peak RSS and step time from DIR/CONFIG.json (short runs made on a quiet "
@@ -353,7 +386,7 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
             parser.error("--run needs --json FILE (where to write the result)")
         pte_path = args.json.with_suffix(".pte") if getattr(args, "pte", False) else None
         result = run_config(bench, args.run, args.steps, args.timing_steps, args.eval_blocks, args.batch_size,
-                            args.block_len, pte_path)
+                            args.block_len, pte_path, warmup=args.warmup, decay=args.decay)
         args.json.write_text(json.dumps(asdict(result), indent=2))
         return
     console = Console()

@@ -13,7 +13,7 @@ from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.report import ADDED, REWRITTEN
 from qgraph.side_network import SIDE_MODULE, SideNetwork
 from qgraph.train import train_causal_lm
-from tests.conftest import random_ids
+from tests.conftest import random_ids, train_steps
 
 aten = torch.ops.aten
 LAYERS = 2
@@ -234,6 +234,9 @@ def test_sequence_classifier_mixes_into_the_score_head(family):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"downsample": "conv"}, "downsample must be one of adapter, lora, linear, maxpool, avgpool, got 'conv'"),
+    ({"gate_init": float("nan")}, "gate_init must be a finite number"),
+    ({"gate_init": "2"}, "gate_init must be a finite number"),
+    ({"mix": "sum"}, "mix must be one of gate, channel, residual, modulate, got 'sum'"),
     ({"r": 0}, "r must be a positive integer"),
     ({"adapter_rank": 2.5}, "adapter_rank must be a positive integer"),
     ({"layer_stride": True}, "layer_stride must be a positive integer"),
@@ -458,3 +461,36 @@ def test_pruned_init_starts_a_linear_downsample_as_the_kept_channels():
         for down in side.downsamples:
             assert torch.equal(down(x), x[..., hidden])
     assert "the linear downsamples select the kept channels" in qm.report["attach_side_taps"].notes[0]
+
+
+# --- mix="residual": h + upsample(side), the upsample from zero ----------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_residual_mix_starts_as_nf4_and_trains_the_side_network_only(family):
+    model = tiny_causal_lm(family, layers=LAYERS)
+    nf4, qm = qgraph.transform(model, "nf4"), qgraph.transform(model, "qst-nf4", mix="residual")
+    ids = random_ids((2, 12), seed=4)
+    assert torch.equal(logits(qm, ids), logits(nf4, ids))
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    side_ids = {id(p) for p in side.parameters()}
+    assert {id(p) for p in qm.trainable_parameters()} == side_ids
+    before = qm(input_ids=ids, labels=ids).loss.item()
+    train_steps(qm, ids, 4, lr=1e-2)
+    qm.zero_grad(set_to_none=True)
+    qm(input_ids=ids, labels=ids).loss.backward()
+    assert qm(input_ids=ids, labels=ids).loss.item() < before
+    assert {id(p) for p in qm.parameters() if p.grad is not None} == side_ids  # all of it, nothing else
+    report = qm.report["attach_side_taps"]
+    [head] = report.with_action(REWRITTEN)
+    assert "h + upsample(norm(h_g)), upsample 4->64 starting at 0" in head.detail
+    assert report.params == sum(p.numel() for p in side.parameters())
+
+
+def test_gate_init_sets_every_ladder_gates_start_and_keeps_step0():
+    model = tiny_causal_lm("llama", layers=LAYERS)
+    qm = qgraph.transform(model, "qst-nf4", gate_init=2.0)
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    assert torch.equal(side.gates.detach(), torch.full((LAYERS,), 2.0))
+    ids = random_ids((2, 12), seed=5)
+    assert torch.equal(logits(qm, ids), logits(qgraph.transform(model, "nf4"), ids))
