@@ -99,3 +99,50 @@ def _shuffled_batches(
             pending = torch.cat([pending, torch.randperm(len(blocks), generator=generator)])
         yield blocks[pending[:batch_size]]
         pending = pending[batch_size:]
+
+
+# --- a classification task from the same text --------------------------------------------------------------
+
+# The eight topics with the most paragraphs of 200 characters or more (Python 3.11): which of them a paragraph
+# comes from is the label
+CLASSIFICATION_TOPICS = ("specialnames", "compound", "types", "string-methods", "typesseq", "debugger",
+                         "formatstrings", "customization")
+
+
+def topic_paragraphs(topics: tuple[str, ...] = CLASSIFICATION_TOPICS,
+                     min_chars: int = 200) -> list[tuple[str, int]]:
+    """(paragraph, index of its topic in `topics`) for every blank-line separated paragraph of at least
+    `min_chars` characters: a sequence-classification task that needs no download."""
+    missing = [t for t in topics if t not in PYDOC_TOPICS]
+    if missing:
+        raise ValueError(f"no pydoc topic named {', '.join(missing)}; this Python has {len(PYDOC_TOPICS)} topics")
+    return [(paragraph, label) for label, topic in enumerate(topics)
+            for paragraph in PYDOC_TOPICS[topic].split(TOPIC_SEPARATOR) if len(paragraph) >= min_chars]
+
+
+def split_paragraphs(examples: list[tuple[str, int]], heldout_fraction: float = 0.2
+                     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, held-out): a paragraph is held out when the SHA-256 of its text falls in the first
+    `heldout_fraction` of the hash range, so the split does not depend on order and is the same everywhere."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must lie strictly between 0 and 1, got {heldout_fraction}")
+    cut = int(heldout_fraction * 2**32)
+    heldout = [e for e in examples if int.from_bytes(_stable_rank(e[0])[:4], "big") < cut]
+    train = [e for e in examples if int.from_bytes(_stable_rank(e[0])[:4], "big") >= cut]
+    return train, heldout
+
+
+def classification_batch(examples: list[tuple[str, int]], tokenizer: PreTrainedTokenizerBase,
+                         max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of examples, each cut to `max_len` tokens and right-padded with the
+    tokenizer's pad token (a classifier pools its last real token)."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_len] for text, _ in examples]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask, torch.tensor([label for _, label in examples])

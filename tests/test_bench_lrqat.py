@@ -148,6 +148,13 @@ def test_the_learning_rate_schedule_warms_up_then_decays_as_asked(monkeypatch, t
     assert flags[-4:] == ["--warmup", "2", "--decay", "cosine"]
 
 
+def test_loss_curves_are_moving_averages_drawn_to_a_png(tmp_path):
+    assert benchlib.moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+    pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is not installed")
+    benchlib.loss_curves({"a": [3.0, 2.5, 2.0], "b": [3.0, 2.9, 2.8], "eval-only": []}, tmp_path / "losses.png")
+    assert (tmp_path / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_bench_without_a_pte_hook_has_no_pte_flag(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(tmp_path / "fp.json"), "--pte"],

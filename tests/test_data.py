@@ -2,7 +2,10 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from qgraph.data import batches, pydoc_text, split_topics, token_blocks, train_heldout_split
+from qgraph.data import (
+    CLASSIFICATION_TOPICS, batches, classification_batch, pydoc_text, split_paragraphs, split_topics, token_blocks,
+    topic_paragraphs, train_heldout_split,
+)
 from qgraph.models import byte_tokenizer
 
 
@@ -85,3 +88,37 @@ def test_batches_rejects_bad_arguments_at_the_call():
         batches(torch.zeros(4, 2, dtype=torch.long), 0, seed=0, steps=1)
     with pytest.raises(ValueError, match="no blocks"):
         batches(torch.zeros(0, 2, dtype=torch.long), 2, seed=0, steps=1)
+
+
+# --- the topic classification task ---------------------------------------------------------------------------
+
+
+def test_topic_paragraphs_label_each_long_paragraph_with_its_topic():
+    examples = topic_paragraphs(min_chars=200)
+    assert {label for _, label in examples} == set(range(len(CLASSIFICATION_TOPICS)))
+    assert all(len(text) >= 200 and text in topics[CLASSIFICATION_TOPICS[label]] for text, label in examples)
+    assert len(topic_paragraphs(("try", "import"), min_chars=1)) > len(topic_paragraphs(("try", "import")))
+    with pytest.raises(ValueError, match="no pydoc topic named not-a-topic"):
+        topic_paragraphs(("try", "not-a-topic"))
+
+
+def test_paragraph_split_is_disjoint_complete_and_independent_of_order():
+    examples = topic_paragraphs()
+    train, heldout = split_paragraphs(examples)
+    assert sorted(train + heldout) == sorted(examples) and not set(train) & set(heldout)
+    assert 0.1 < len(heldout) / len(examples) < 0.3
+    assert sorted(split_paragraphs(examples[::-1])[1]) == sorted(heldout)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        split_paragraphs(examples, heldout_fraction=1.0)
+
+
+def test_classification_batch_cuts_right_pads_and_masks():
+    tokenizer = byte_tokenizer()
+    with pytest.raises(ValueError, match="no pad token"):
+        classification_batch([("abc", 0)], tokenizer, max_len=8)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    ids, mask, labels = classification_batch([("abcdef", 1), ("xy", 0)], tokenizer, max_len=4)
+    assert ids.shape == mask.shape == (2, 4) and labels.tolist() == [1, 0]
+    assert ids[0].tolist() == tokenizer("abcd", add_special_tokens=False)["input_ids"]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert ids[1, 2:].tolist() == [tokenizer.pad_token_id] * 2

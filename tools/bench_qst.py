@@ -3,11 +3,13 @@ step time, held-out perplexity after the same steps on the same batches.
 
 Every configuration runs in its own process (so peak RSS is its own):
     python tools/bench_qst.py --steps 200 --out out/bench_qst
-writes results.json, results.md (the README table) and memory_time.png. One configuration alone:
+writes results.json, results.md (the README table), memory_time.png and losses.png (the training loss curves).
+`--warmup N --decay cosine` schedules every configuration's learning rate. One configuration alone:
     python tools/bench_qst.py --run qst-nf4 --steps 20 --json /tmp/qst.json
-The qst-nf4-* configurations are the plan with options (QST_VARIANTS): -pruned is init="pruned" (side
-blocks from the backbone's pruned weights), -linear a linear downsample, -lr3e-3 another learning rate,
--r8 / -r4 a wider side network (reduction 8 or 4).
+The qst-nf4-* configurations are the plan with options (QST_VARIANTS, each commented there): -pruned is
+init="pruned" (side blocks from the backbone's pruned weights), -linear / -avgpool / -maxpool another downsample,
+-lr... another learning rate, -r8 / -r4 a wider side network (reduction 8 or 4), -stride30 one side block,
+-channel / -residual / -modulate another mix, -gate2 / -gate-2 another start of the ladder gates.
 
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
 with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
@@ -29,25 +31,25 @@ from benchlib import Bench, full_finetuning, main
 # the side network's AdamW learning rate, None for SIDE_NETWORK_LR)
 QST_VARIANTS: dict[str, tuple[dict, float | None]] = {
     "qst-nf4": ({}, None),
+    "qst-nf4-bf16": ({"dtype": torch.bfloat16}, None),  # transform(dtype=): the backbone in bf16
+    # issue 17's study (the README's "QST quality: the options measured")
     "qst-nf4-pruned": ({"init": "pruned"}, None),
     "qst-nf4-pruned-lr3e-3": ({"init": "pruned"}, 3e-3),
     "qst-nf4-linear": ({"downsample": "linear"}, None),
     "qst-nf4-pruned-linear": ({"init": "pruned", "downsample": "linear"}, None),  # downsamples select channels
+    "qst-nf4-avgpool": ({"downsample": "avgpool"}, None),  # parameter-free downsamples
+    "qst-nf4-maxpool": ({"downsample": "maxpool"}, None),
     "qst-nf4-r8": ({"r": 8}, None),  # side width d/8 (72 on SmolLM2) instead of d/16
     "qst-nf4-r4": ({"r": 4}, None),  # d/4 (144)
     "qst-nf4-r4-lr3e-3": ({"r": 4}, 3e-3),
-    "qst-nf4-bf16": ({"dtype": torch.bfloat16}, None),
-    "qst-nf4-residual": ({"mix": "residual"}, None),  # h + upsample(side), upsample from 0
-    "qst-nf4-residual-r4": ({"mix": "residual", "r": 4}, None),
-    "qst-nf4-residual-lr3e-3": ({"mix": "residual"}, 3e-3),
-    "qst-nf4-channel": ({"mix": "channel"}, None),  # one gate per feature
     "qst-nf4-heads3": ({"heads": 3}, None),  # side heads of 12 features, not the backbone's 9 of 4
-    "qst-nf4-heads1": ({"heads": 1}, None),
-    "qst-nf4-lr3e-2": ({}, 3e-2),
-    "qst-nf4-modulate": ({"mix": "modulate"}, None),  # + h * modulation(side), per token and feature
     "qst-nf4-stride30": ({"layer_stride": 30}, None),  # one side block, on the last layer
+    "qst-nf4-lr3e-2": ({}, 3e-2),
+    "qst-nf4-channel": ({"mix": "channel"}, None),  # one gate per feature
+    "qst-nf4-residual": ({"mix": "residual"}, None),  # h + upsample(side), the upsample from 0
+    "qst-nf4-modulate": ({"mix": "modulate"}, None),  # + h * modulation(side), per token and feature
     "qst-nf4-gate2": ({"gate_init": 2.0}, None),  # ladder gates from sigmoid(2) = 0.88: the blocks' stream kept
-    "qst-nf4-gate-2": ({"gate_init": -2.0}, None),  # from 0.12: the taps kept  # transform(dtype=): the backbone in bf16
+    "qst-nf4-gate-2": ({"gate_init": -2.0}, None),  # from 0.12: the taps kept
 }
 TRAINED = (*QST_VARIANTS, "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")

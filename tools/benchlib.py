@@ -348,6 +348,34 @@ def chart(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The mean of each value with up to window - 1 before it: a training loss curve without its batch noise."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
+def loss_curves(curves: Mapping[str, list[float]], path: Path, window: int = 10) -> None:
+    """Training losses per step side by side (moving average over `window` steps), one line per run, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, losses in curves.items():
+        if losses:
+            ax.plot(range(1, len(losses) + 1), moving_average(losses, window), label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean of the last {window} steps)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --- the command line ------------------------------------------------------------------------------------
 
 
@@ -395,5 +423,6 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     table = markdown_table(results, bench.peer, bench.peer_label, bench.pairs)
     (args.out / "results.md").write_text(table)
     chart(results, args.out / "memory_time.png")
+    loss_curves({r.config: r.losses for r in results if r.losses}, args.out / "losses.png")
     console.print(table)
-    console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png)")
+    console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png, losses.png)")

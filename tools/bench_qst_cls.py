@@ -1,0 +1,160 @@
+"""QST against QLoRA on sequence classification (issue 17): which of eight pydoc topics a paragraph comes from
+(`qgraph.data.topic_paragraphs`, 335 training and 98 held-out paragraphs), SmolLM2-135M with a sequence
+classification head, held-out accuracy after the same steps on the same batches.
+
+    python tools/bench_qst_cls.py --steps 100 --out out/bench_qst_cls
+
+runs each configuration in its own process and writes results.json, results.md and losses.png. Both start from
+the same randomly drawn score head (576 -> 8, seed 0) and leave it frozen, so what differs is only how each
+method adapts the model in front of it: qst-nf4 trains its side network (lr 1e-2), QLoRA (NF4 backbone, LoRA
+r=16 on every decoder linear) its adapters (lr 2e-4). Needs the `bench` extra (peft, matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from benchlib import loss_curves, run_in_subprocess
+
+SEED = 0
+CONFIGS = ("qst-nf4", "qlora")
+LR = {"qst-nf4": 1e-2, "qlora": 2e-4}
+
+
+@dataclass
+class ClsResult:
+    config: str
+    steps: int
+    accuracy: float = 0.0  # on the held-out paragraphs
+    majority: float = 0.0  # the held-out share of the most common topic: what a constant guess scores
+    step_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    head_checksum: float = 0.0  # sum of the score head's weight: both configurations start from the same head
+
+
+def classifier(num_labels: int) -> tuple[torch.nn.Module, object]:
+    """SmolLM2-135M with a sequence-classification head drawn from SEED (the decoder as load_smollm2 gives it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from qgraph.models import SMOLLM2_CACHE_NAME, default_cache_root, load_smollm2
+
+    _, tokenizer = load_smollm2(progress=False)  # makes the converted cache once
+    torch.manual_seed(SEED)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        default_cache_root() / SMOLLM2_CACHE_NAME, num_labels=num_labels, dtype=torch.float32,
+        pad_token_id=tokenizer.pad_token_id)
+    return model.eval(), tokenizer
+
+
+def build(config: str, model: torch.nn.Module, example: dict) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """(module, its trainable parameters); the score head stays frozen in both."""
+    if config == "qst-nf4":
+        import qgraph
+
+        qm = qgraph.transform(model, "qst-nf4", example_inputs=example)
+        return qm, list(qm.trainable_parameters())
+    from peft import LoraConfig, get_peft_model
+
+    from bench_qst import LORA_ALPHA, LORA_RANK, decoder_linears, to_bnb_nf4
+
+    names = decoder_linears(model)
+    to_bnb_nf4(model, names)
+    targets = sorted({name.rpartition(".")[2] for name in names})
+    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                  target_modules=targets))  # no task type: the head stays frozen
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def accuracy(module: torch.nn.Module, examples: list, tokenizer, max_len: int, batch_size: int = 16) -> float:
+    from qgraph.data import classification_batch
+
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            ids, mask, labels = classification_batch(examples[start:start + batch_size], tokenizer, max_len)
+            correct += int((module(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).sum())
+    return correct / len(examples)
+
+
+def run_config(config: str, steps: int, batch_size: int, max_len: int) -> ClsResult:
+    from qgraph.data import CLASSIFICATION_TOPICS, batches, classification_batch, split_paragraphs, topic_paragraphs
+
+    train, heldout = split_paragraphs(topic_paragraphs())
+    model, tokenizer = classifier(len(CLASSIFICATION_TOPICS))
+    result = ClsResult(config, steps, head_checksum=float(model.score.weight.detach().sum()))
+    counts = [sum(label == k for _, label in heldout) for k in range(len(CLASSIFICATION_TOPICS))]
+    result.majority = max(counts) / len(heldout)
+    ids, mask, _ = classification_batch(train[:batch_size], tokenizer, max_len)
+    module, trainable = build(config, model, {"input_ids": ids, "attention_mask": mask})
+    optimizer = torch.optim.AdamW(trainable, lr=LR[config], betas=(0.9, 0.95), weight_decay=0.0)
+    module.train()
+    times = []
+    for rows in batches(torch.arange(len(train)), batch_size, seed=SEED, steps=steps):
+        ids, mask, labels = classification_batch([train[i] for i in rows.tolist()], tokenizer, max_len)
+        start = time.perf_counter()
+        loss = module(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        result.losses.append(loss.item())
+    module.eval()
+    result.step_seconds = statistics.median(times)
+    result.accuracy = accuracy(module, heldout, tokenizer, max_len)
+    return result
+
+
+def markdown_table(results: list[ClsResult]) -> str:
+    lines = ["| configuration | steps | held-out accuracy | majority topic | train loss, last 10 | step (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        tail = r.losses[-10:]
+        lines.append(f"| {r.config} | {r.steps} | {r.accuracy:.1%} | {r.majority:.1%} | "
+                     f"{sum(tail) / max(1, len(tail)):.3f} | {r.step_seconds:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", choices=CONFIGS, help="run one configuration in this process")
+    parser.add_argument("--json", type=Path, help="with --run: where to write its result")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=128, help="tokens kept of each paragraph")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_qst_cls"))
+    args = parser.parse_args(argv)
+    if args.run:
+        if args.json is None:
+            parser.error("--run needs --json FILE (where to write the result)")
+        args.json.write_text(json.dumps(asdict(run_config(args.run, args.steps, args.batch_size, args.max_len))))
+        return
+    console = Console()
+    args.out.mkdir(parents=True, exist_ok=True)
+    flags = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len)]
+    results = []
+    for config in args.configs:
+        data = run_in_subprocess(__file__, ["--run", config, *flags], args.out / f"{config}.json",
+                                 f"{config}: {args.steps} steps", console)
+        if data is not None:
+            results.append(ClsResult(**data))
+    if len({r.head_checksum for r in results}) > 1:
+        console.print("[red]the configurations started from different score heads[/]")
+    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    table = markdown_table(results)
+    (args.out / "results.md").write_text(table)
+    loss_curves({r.config: r.losses for r in results}, args.out / "losses.png")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
