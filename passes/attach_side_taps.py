@@ -18,7 +18,6 @@ gate_up), down; the NF4 ones dequantized as the backbone computes with them.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
@@ -454,15 +453,16 @@ def _tap_records(side: SideNetwork, paths: list[str]) -> list[SiteRecord]:
 
 
 def _head_record(side: SideNetwork, head: LinearSite) -> SiteRecord:
-    params, nbytes = _param_count(side.norm, side.upsample, *([side.modulation] if side.config.mix == "modulate" else []))
+    modulation = [side.modulation] if side.config.mix == "modulate" else []
+    params, nbytes = _param_count(side.norm, side.upsample, *modulation)
     upsample = f"upsample {side.config.width}->{side.config.backbone_width}"
     if side.config.mix == "residual":
         return SiteRecord(head.path, REWRITTEN, params=params, bytes_after=nbytes,
                           detail=f"input -> h + upsample(norm(h_g)), {upsample} starting at 0 (starts as the backbone)")
     gate = f"a ({side.mix.numel()} features)" if side.config.mix == "channel" else "a"
-    modulation = " + h*modulation(norm(h_g))" if side.config.mix == "modulate" else ""
+    modulated = " + h*modulation(norm(h_g))" if modulation else ""
     return SiteRecord(head.path, REWRITTEN, params=params + side.mix.numel(), bytes_after=nbytes + side.mix.nbytes,
-                      detail=f"input -> a*h + (1-a)*upsample(norm(h_g)){modulation}, {upsample}, {gate}=1 "
+                      detail=f"input -> a*h + (1-a)*upsample(norm(h_g)){modulated}, {upsample}, {gate}=1 "
                              "(starts as the backbone)")
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qgraph.side_network import (
-    DOWNSAMPLE_KINDS, MIX_KINDS, SideCache, SideConfig, SideNetwork, attention_allowed, positions_from_mask, rotary_tables,
-    rotate,
+    DOWNSAMPLE_KINDS, MIX_KINDS, SideCache, SideConfig, SideNetwork, attention_allowed, positions_from_mask,
+    rotary_tables, rotate,
 )
 
 D, R = 64, 4

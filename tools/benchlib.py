@@ -353,7 +353,8 @@ def moving_average(values: list[float], window: int) -> list[float]:
     sums = [0.0]
     for v in values:
         sums.append(sums[-1] + v)
-    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+    starts = [max(0, i + 1 - window) for i in range(len(values))]
+    return [(sums[i + 1] - sums[start]) / (i + 1 - start) for i, start in enumerate(starts)]
 
 
 def loss_curves(curves: Mapping[str, list[float]], path: Path, window: int = 10) -> None:
@@ -390,7 +391,8 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-blocks", type=int, default=56, help="held-out blocks (56 is the whole split)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-len", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup (every configuration)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="steps of linear learning-rate warmup (every configuration)")
     parser.add_argument("--decay", choices=DECAYS, default="constant",
                         help="the learning rate after warmup: constant, or a cosine down to 0 at the last step")
     parser.add_argument("--out", type=Path, default=bench.default_out)
