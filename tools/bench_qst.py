@@ -114,7 +114,9 @@ def to_bnb_nf4(model: nn.Module, names: list[str]) -> None:
         setattr(model.get_submodule(owner), attr, layer.to("cpu"))  # .to() quantizes
 
 
-def lora(model: nn.Module, *, quantize: bool, checkpointing: bool):
+def lora(model: nn.Module, *, quantize: bool, checkpointing: bool, task_type: str | None = "CAUSAL_LM"):
+    """(PEFT model, AdamW over its adapters): LoRA r=16 on every decoder linear, over NF4 ones with `quantize`.
+    task_type=None leaves every module outside the adapters frozen (a classifier's head included)."""
     from peft import LoraConfig, get_peft_model
 
     names = decoder_linears(model)
@@ -124,7 +126,7 @@ def lora(model: nn.Module, *, quantize: bool, checkpointing: bool):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = sorted({name.rpartition(".")[2] for name in names})
     peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                  target_modules=targets, task_type="CAUSAL_LM"))
+                                                  target_modules=targets, task_type=task_type))
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     return peft_model, torch.optim.AdamW(trainable, lr=LORA_LR, betas=(0.9, 0.95), weight_decay=0.0)
 

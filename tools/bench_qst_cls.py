@@ -6,8 +6,8 @@ classification head, held-out accuracy after the same steps on the same batches.
 
 runs each configuration in its own process and writes results.json, results.md and losses.png. Both start from
 the same randomly drawn score head (576 -> 8, seed 0) and leave it frozen, so what differs is only how each
-method adapts the model in front of it: qst-nf4 trains its side network (lr 1e-2), QLoRA (NF4 backbone, LoRA
-r=16 on every decoder linear) its adapters (lr 2e-4). Needs the `bench` extra (peft, matplotlib).
+method adapts the model in front of it: qst-nf4 trains its side network (lr 1e-2), QLoRA (bench_qst's: NF4
+backbone, LoRA r=16 on every decoder linear) its adapters (lr 2e-4). Needs the `bench` extra (peft, matplotlib).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from bench_qst import lora
 from benchlib import loss_curves, run_in_subprocess
+from qgraph.side_network import SIDE_NETWORK_LR
 
 SEED = 0
 CONFIGS = ("qst-nf4", "qlora")
-LR = {"qst-nf4": 1e-2, "qlora": 2e-4}
 
 
 @dataclass
@@ -43,35 +44,27 @@ class ClsResult:
 
 def classifier(num_labels: int) -> tuple[torch.nn.Module, object]:
     """SmolLM2-135M with a sequence-classification head drawn from SEED (the decoder as load_smollm2 gives it)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from qgraph.models import SMOLLM2_CACHE_NAME, default_cache_root, load_smollm2
+    from qgraph.models import smollm2_dir
 
-    _, tokenizer = load_smollm2(progress=False)  # makes the converted cache once
+    directory = smollm2_dir(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
     torch.manual_seed(SEED)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        default_cache_root() / SMOLLM2_CACHE_NAME, num_labels=num_labels, dtype=torch.float32,
-        pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels, dtype=torch.float32,
+                                                               pad_token_id=tokenizer.pad_token_id)
     return model.eval(), tokenizer
 
 
-def build(config: str, model: torch.nn.Module, example: dict) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """(module, its trainable parameters); the score head stays frozen in both."""
+def build(config: str, model: torch.nn.Module, example: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(module, AdamW over its trainable tensors); the score head stays frozen in both."""
     if config == "qst-nf4":
         import qgraph
 
         qm = qgraph.transform(model, "qst-nf4", example_inputs=example)
-        return qm, list(qm.trainable_parameters())
-    from peft import LoraConfig, get_peft_model
-
-    from bench_qst import LORA_ALPHA, LORA_RANK, decoder_linears, to_bnb_nf4
-
-    names = decoder_linears(model)
-    to_bnb_nf4(model, names)
-    targets = sorted({name.rpartition(".")[2] for name in names})
-    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                  target_modules=targets))  # no task type: the head stays frozen
-    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95),
+                                     weight_decay=0.0)  # as bench_qst.build's
+    return lora(model, quantize=True, checkpointing=False, task_type=None)  # no task type: the head stays frozen
 
 
 def accuracy(module: torch.nn.Module, examples: list, tokenizer, max_len: int, batch_size: int = 16) -> float:
@@ -94,8 +87,7 @@ def run_config(config: str, steps: int, batch_size: int, max_len: int) -> ClsRes
     counts = [sum(label == k for _, label in heldout) for k in range(len(CLASSIFICATION_TOPICS))]
     result.majority = max(counts) / len(heldout)
     ids, mask, _ = classification_batch(train[:batch_size], tokenizer, max_len)
-    module, trainable = build(config, model, {"input_ids": ids, "attention_mask": mask})
-    optimizer = torch.optim.AdamW(trainable, lr=LR[config], betas=(0.9, 0.95), weight_decay=0.0)
+    module, optimizer = build(config, model, {"input_ids": ids, "attention_mask": mask})
     module.train()
     times = []
     for rows in batches(torch.arange(len(train)), batch_size, seed=SEED, steps=steps):
