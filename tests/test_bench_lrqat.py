@@ -236,3 +236,18 @@ def test_table_puts_the_pte_figures_side_by_side_and_leaves_other_rows_blank():
     assert rows["torchao-8da4w-qat"].endswith("| 100.0 | 300 | max abs diff 0.5, top-1 95.0% | - |")
     assert rows["torchao-8da4w-qat-ckpt"].endswith("| - | - | not written: ExportError: left \\| out | - |")
     assert rows["lrqat-w4"].endswith("| 10.00 | - | - | - | - | - |")
+
+
+def test_the_autocast_configuration_trains_the_float32_model_in_mixed_precision():
+    """lrqat-w4-autocast: a float32 module whose steps run under autocast(bf16) (benchlib.mixed_precision), its
+    trained parameters float32, its logits bf16 there and float32 outside."""
+    assert bench_lrqat.BENCH.autocast == {"lrqat-w4-autocast": torch.bfloat16}
+    module, optimizer = bench_lrqat.build("lrqat-w4-autocast", make_llama())
+    with benchlib.mixed_precision(bench_lrqat.BENCH.autocast["lrqat-w4-autocast"]):
+        losses = [train_step(module.train(), optimizer, random_ids((2, 16), seed=step)) for step in range(2)]
+        assert logits_of(module.eval(), random_ids((1, 8))).dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in module.parameters() if p.requires_grad)
+    assert logits_of(module, random_ids((1, 8))).dtype == torch.float32
+    with benchlib.mixed_precision(None):
+        assert not torch.is_autocast_enabled("cpu")

@@ -48,12 +48,15 @@ def test_every_generator_decodes_and_the_cached_tokens_equal_the_recomputed_ones
 def test_the_table_quotes_each_target_against_its_peer_and_fails_different_tokens():
     report = Report({"new_tokens": 10}, seconds={
         "lrqat-w4/bf16": [1.0, 1.2, 1.1], "lrqat-w4/fp32": [3.0, 3.0, 3.0], "torchao-qat/bf16": [2.0, 2.0, 2.0],
+        "lrqat-w4/amp-bf16": [1.5],
         "qgraph-nf4": [0.5], "transformers-bnb-nf4": [1.0], "qgraph-int4": [2.0], "transformers-fp32": [1.0]},
         same_tokens={"qgraph-nf4": False, "qgraph-int4": True})
     table = markdown_table(report)
     assert "| lrqat-w4 bf16 vs fp32 step | lrqat-w4/bf16 | lrqat-w4/fp32 | 1.100 | 3.000 | 2.73x | >= 2.5x | yes |" \
         in table
     assert "lrqat-w4 bf16 vs torchao QAT bf16 | lrqat-w4/bf16 | torchao-qat/bf16 | 1.100 | 2.000 | 1.82x | >= 2x | no |" \
+        in table
+    assert "| lrqat-w4 mixed bf16 (autocast) vs fp32 step | lrqat-w4/amp-bf16 | lrqat-w4/fp32 | 1.500 | 3.000 | 2.00x" \
         in table
     assert "| 2.00x | >= 1x | no (different tokens) |" in table  # faster, but not the same tokens
     assert "| 0.50x | >= 1x | no |" in table

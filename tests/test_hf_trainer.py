@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset
 
 import qgraph
@@ -107,3 +108,35 @@ def test_qgraph_trainer_takes_only_transformed_modules():
 
     with pytest.raises(qgraph.QGraphError, match="QGraphTrainer trains the module qgraph.transform returned"):
         QGraphTrainer(model=tiny_causal_lm("llama", layers=1))
+
+
+class LinearInputDtypes(TorchDispatchMode):
+    """The dtypes of the activations that reach qgraph's linear ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.qgraph.lrqat_linear.default, torch.ops.qgraph.nf4_linear.default):
+            self.dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("plan", ["lrqat-w4", "qst-nf4"])
+def test_trainer_bf16_runs_the_plan_in_mixed_precision(plan, tmp_path):
+    """TrainingArguments(bf16=True) on a float32 module: the Trainer's autocast reaches qgraph's ops (bf16
+    activations into every linear), the trained parameters stay float32 and learn."""
+    from transformers import Trainer, TrainingArguments
+
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), plan)
+    before = {name: p.detach().clone() for name, p in qm.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=2,
+                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, bf16=True)
+    trainer = Trainer(model=qm, args=args, train_dataset=TokenBlocks())
+    with LinearInputDtypes() as seen:
+        trainer.train()
+    assert seen.dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in qm.trainable_parameters())
+    assert all(not torch.equal(p.detach(), before[name]) for name, p in qm.named_parameters() if p.requires_grad)

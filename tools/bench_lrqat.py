@@ -6,7 +6,9 @@ writes results.json, results.md (the README table) and memory_time.png. One conf
     python tools/bench_lrqat.py --run lrqat-w4 --steps 20 --json /tmp/lrqat.json
 
 Variants: lrqat-w4-packed (Phi0 as int-packed codes), lrqat-w4-nockpt (no checkpoint boundaries:
-every activation kept, nothing recomputed). Peers: full fine-tuning, torchao full-model QAT (int4
+every activation kept, nothing recomputed), lrqat-w4-bf16 (transform(dtype=torch.bfloat16): the whole model
+in bf16), lrqat-w4-autocast (the float32 model trained and scored under torch.autocast("cpu", bf16): bf16
+matmuls, float32 residual stream, norms and master weights). Peers: full fine-tuning, torchao full-model QAT (int4
 per-channel symmetric fake quantization of the same decoder linears; with and without gradient
 checkpointing); baselines without training: the unquantized model and rtn-w4; peqa-w4 (scales only).
 
@@ -41,7 +43,7 @@ import torch
 
 from benchlib import Bench, PteFigures, full_finetuning, logits_of, main
 
-TRAINED = ("lrqat-w4", "lrqat-w4-packed", "lrqat-w4-nockpt", "lrqat-w4-bf16", "lrqat-w4a8", "peqa-w4", "full-ft", "torchao-qat",
+TRAINED = ("lrqat-w4", "lrqat-w4-packed", "lrqat-w4-nockpt", "lrqat-w4-bf16", "lrqat-w4-autocast", "lrqat-w4a8", "peqa-w4", "full-ft", "torchao-qat",
            "torchao-qat-ckpt", "torchao-8da4w-qat", "torchao-8da4w-qat-ckpt")
 EVAL_ONLY = ("fp", "rtn-w4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
@@ -50,7 +52,10 @@ PEER = "torchao-qat"  # ratios are quoted against full-model QAT, as in the pape
 PAIRS = {"lrqat-w4a8": "torchao-8da4w-qat", "torchao-8da4w-qat-ckpt": "torchao-8da4w-qat"}
 LRQAT_VARIANTS = {"lrqat-w4-packed": ("lrqat-w4", {"phi_format": "int-packed"}),
                   "lrqat-w4-nockpt": ("lrqat-w4", {"checkpoint": "none"}),
-                  "lrqat-w4-bf16": ("lrqat-w4", {"dtype": torch.bfloat16})}
+                  "lrqat-w4-bf16": ("lrqat-w4", {"dtype": torch.bfloat16}),
+                  # float32 model, steps under torch.autocast(bf16): bf16 matmuls, float32 residual stream
+                  "lrqat-w4-autocast": ("lrqat-w4", {})}
+AUTOCAST = {"lrqat-w4-autocast": torch.bfloat16}
 GROUP_SIZE_8DA4W = 32  # lrqat-w4a8's weight group size, and ExecuTorch's 8da4w default
 PREFILL_TOKENS = 128  # the .pte prefill timed and compared: 1 x 128 held-out tokens, as tools/bench_export.py
 PREFILL_REPEATS = 5  # timed .pte prefills after one warm-up; the median is reported
@@ -271,7 +276,8 @@ def _first_line(exc: Exception) -> str:
 
 
 BENCH = Bench(doc=__doc__, configs=CONFIGS, trained=TRAINED, peer=PEER, peer_label="torchao QAT", build=build,
-              script=__file__, default_out=Path("out/bench_lrqat"), pairs=PAIRS, deployed=deployed, pte=pte)
+              script=__file__, default_out=Path("out/bench_lrqat"), pairs=PAIRS, deployed=deployed, pte=pte,
+              autocast=AUTOCAST)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ writes results.json, results.md (the README table), memory_time.png and losses.p
 The qst-nf4-* configurations are the plan with options (QST_VARIANTS, each commented there): -pruned is
 init="pruned" (side blocks from the backbone's pruned weights), -linear / -avgpool / -maxpool another downsample,
 -lr... another learning rate, -r8 / -r4 a wider side network (reduction 8 or 4), -stride30 one side block,
--channel / -residual / -modulate another mix, -gate2 / -gate-2 another start of the ladder gates.
+-channel / -residual / -modulate another mix, -gate2 / -gate-2 another start of the ladder gates, -lrsplit-*
+one learning rate for the gates, another for the down/upsamples, another for the blocks (LR_SPLITS).
 
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
 with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
@@ -51,7 +52,19 @@ QST_VARIANTS: dict[str, tuple[dict, float | None]] = {
     "qst-nf4-gate2": ({"gate_init": 2.0}, None),  # ladder gates from sigmoid(2) = 0.88: the blocks' stream kept
     "qst-nf4-gate-2": ({"gate_init": -2.0}, None),  # from 0.12: the taps kept
 }
-TRAINED = (*QST_VARIANTS, "qlora", "qlora-ckpt", "lora", "full-ft")
+# the learning-rate split between the side network's parts: qst-nf4-lrsplit-NAME trains each part at
+# SIDE_NETWORK_LR times its factor. Parts are told apart by their parameter names (qgraph.side_network):
+# the gates (the ladder gates and the final mix), the projections (the downsamples taking the taps in, the
+# norm and upsample carrying the side state out to the head), the blocks.
+SIDE_PARTS = {"gates": (".gates", ".mix"), "projections": (".downsamples.", ".norm.", ".upsample."),
+              "blocks": (".blocks.",)}
+LR_SPLITS: dict[str, dict[str, float]] = {
+    "gates10": {"gates": 10.0},  # the gates fast: they decide how much of the side network reaches the head
+    "gates0.1": {"gates": 0.1},
+    "proj0.1": {"projections": 0.1},  # the down/upsamples slow: they are the widest (576 x 36) matrices
+    "blocks3": {"blocks": 3.0},  # only the blocks faster (the whole network at 3x was worse: lr3e-2)
+}
+TRAINED = (*QST_VARIANTS, *(f"qst-nf4-lrsplit-{name}" for name in LR_SPLITS), "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "qlora"  # the paper's comparison: QST against QLoRA
@@ -65,19 +78,39 @@ def build(config: str, model: nn.Module):
 
     if config == "fp":
         return model, None
-    if config == "nf4" or config in QST_VARIANTS:
+    split = config.removeprefix("qst-nf4-lrsplit-") if config.startswith("qst-nf4-lrsplit-") else None
+    if config == "nf4" or config in QST_VARIANTS or split in LR_SPLITS:
         options, lr = QST_VARIANTS.get(config, ({}, None))
         qm = qgraph.transform(model, "nf4") if config == "nf4" else qgraph.transform(model, "qst-nf4", **options)
         release_replaced_weights(model)
         if config == "nf4":
             return qm, None
-        return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=lr or SIDE_NETWORK_LR, betas=(0.9, 0.95),
-                                     weight_decay=0.0)
+        groups = side_parameter_groups(qm, lr or SIDE_NETWORK_LR, LR_SPLITS.get(split, {}))
+        return qm, torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     if config == "full-ft":
         return full_finetuning(model)
     if config in ("qlora", "qlora-ckpt", "lora"):
         return lora(model, quantize=config.startswith("qlora"), checkpointing=config.endswith("ckpt"))
     raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+
+
+def side_part(name: str) -> str:
+    """Which of SIDE_PARTS a side-network parameter belongs to (by its qualified name)."""
+    parts = [part for part, markers in SIDE_PARTS.items() if any(marker in name for marker in markers)]
+    if len(parts) != 1:
+        raise ValueError(f"side-network parameter {name!r} matches {parts or 'none'} of the parts "
+                         f"{', '.join(SIDE_PARTS)}: update SIDE_PARTS for the side network's names")
+    return parts[0]
+
+
+def side_parameter_groups(qm: nn.Module, lr: float, factors: dict[str, float]) -> list[dict]:
+    """AdamW parameter groups of a QST module: lr times factors[part] for each part named in `factors`."""
+    by_lr: dict[float, list[nn.Parameter]] = {}
+    for name, param in qm.named_parameters():
+        if param.requires_grad:
+            part_lr = lr * factors.get(side_part(name), 1.0) if factors else lr
+            by_lr.setdefault(part_lr, []).append(param)
+    return [{"params": params, "lr": part_lr} for part_lr, params in by_lr.items()]
 
 
 def decoder_linears(model: nn.Module) -> list[str]:

@@ -11,7 +11,9 @@ the peer named in the row, with the issue's target beside them (checked here, no
 Training (SmolLM2-135M, batch x block tokens of the pydoc text, AdamW): lrqat-w4 (qgraph), torchao's
 full-model QAT (IntxFakeQuantizeConfig int4 per channel), qst-nf4 (qgraph), PEFT + bitsandbytes QLoRA (r=16,
 every decoder linear), each in float32 and in bfloat16: qgraph's through `transform(..., dtype=torch.bfloat16)`
-on the float32 model, the peers on `model.to(torch.bfloat16)` (bitsandbytes computing in the model's dtype).
+on the float32 model, the peers on `model.to(torch.bfloat16)` (bitsandbytes computing in the model's dtype);
+and in mixed precision, "amp-bf16": the float32 model's steps under `torch.autocast("cpu", torch.bfloat16)`
+(bf16 matmuls, float32 residual stream and master weights), as the HF Trainer's `bf16=True` runs them.
 Generation: the same prompt (prompt tokens of the held-out text) and greedy new tokens from qgraph's nf4
 module (KV-cached decode graph) and transformers + bitsandbytes NF4 `generate`; from qgraph's finalized
 lrqat-w4 (int4) and transformers' float32 `generate`; qgraph's nf4 without its KV cache for scale. Each pair
@@ -36,9 +38,10 @@ from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from benchlib import SEED, train_step  # noqa: E402
+from benchlib import SEED, mixed_precision, train_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIXED = {"amp-bf16": torch.bfloat16}  # training precisions: the float32 model under autocast in this dtype
 TRAIN_CONFIGS = ("lrqat-w4", "torchao-qat", "qst-nf4", "qlora")
 GEN_CONFIGS = ("qgraph-nf4", "transformers-bnb-nf4", "qgraph-int4", "transformers-fp32", "qgraph-nf4-nocache")
 
@@ -55,6 +58,7 @@ class Target:
 
 TARGETS = (
     Target("lrqat-w4 bf16 vs fp32 step", "lrqat-w4/bf16", "lrqat-w4/fp32", 2.5),
+    Target("lrqat-w4 mixed bf16 (autocast) vs fp32 step", "lrqat-w4/amp-bf16", "lrqat-w4/fp32", 2.5),
     Target("lrqat-w4 bf16 vs torchao QAT bf16", "lrqat-w4/bf16", "torchao-qat/bf16", 2.0),
     Target("qst-nf4 vs QLoRA, bf16", "qst-nf4/bf16", "qlora/bf16", 2.0),
     Target("qst-nf4 vs QLoRA, fp32", "qst-nf4/fp32", "qlora/fp32", 1.8),
@@ -170,13 +174,15 @@ def training_rounds(report: Report, args: argparse.Namespace, progress: Progress
     for dtype_name in args.dtypes:
         for config in args.train:
             torch.manual_seed(SEED)
-            modules[f"{config}/{dtype_name}"] = build_training(config, smollm2(), DTYPES[dtype_name])
+            model_dtype = DTYPES.get(dtype_name, torch.float32)  # a MIXED precision trains the float32 model
+            modules[f"{config}/{dtype_name}"] = build_training(config, smollm2(), model_dtype)
             progress.advance(task)
     task = progress.add_task("training steps, every configuration in turn", total=len(stream) * len(modules))
     for round_index, input_ids in enumerate(stream):
         for name, (module, optimizer) in modules.items():
             module.train()
-            seconds, _ = timed(lambda: train_step(module, optimizer, input_ids))
+            with mixed_precision(MIXED.get(name.rpartition("/")[2])):
+                seconds, _ = timed(lambda: train_step(module, optimizer, input_ids))
             if round_index:  # round 0 warms up (allocator, first-call caches)
                 report.seconds.setdefault(name, []).append(seconds)
             progress.advance(task)
@@ -267,7 +273,7 @@ def qst_split_rounds(report: Report, args: argparse.Namespace, progress: Progres
     train_text, _ = train_heldout_split()
     input_ids = next(iter(batches(token_blocks(train_text, tokenizer, args.block_len), args.batch_size, seed=SEED,
                                   steps=1)))
-    for dtype_name in args.dtypes:
+    for dtype_name in (d for d in args.dtypes if d in DTYPES):  # the split of a model in one dtype
         parts = build_qst_split(smollm2(), smollm2(), DTYPES[dtype_name], input_ids)
         task = progress.add_task(f"qst-nf4 step split ({dtype_name})", total=(args.rounds + 1) * len(parts))
         for round_index in range(args.rounds + 1):
@@ -332,7 +338,8 @@ def markdown_table(report: Report) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", nargs="*", default=list(TRAIN_CONFIGS), choices=TRAIN_CONFIGS)
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=[*DTYPES, *MIXED], choices=[*DTYPES, *MIXED],
+                        help="training precisions: a model dtype, or amp-bf16 (the float32 model under autocast)")
     parser.add_argument("--rounds", type=int, default=4, help="timed training rounds (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-len", type=int, default=128)

@@ -5,6 +5,7 @@ A tool describes itself as a `Bench` (its configurations, which of them train, t
 quoted against, and `build(config, model) -> (module, optimizer or None)`) and calls `main(bench)`. Optionally
 `pairs` quotes some configurations against a peer of their own (the cell names it), and
 `deployed(config, module) -> module or None` gives the form a configuration deploys as, scored once more,
+`autocast` runs some configurations' steps and scoring under torch.autocast (mixed precision),
 and `pte(config, deployed module, held-out blocks, path) -> PteFigures or None` writes that form as an
 ExecuTorch .pte and measures it (with --pte: each export takes minutes).
 Every configuration runs in its own process (so its peak RSS is its own) on the same batches.
@@ -13,6 +14,7 @@ Every configuration runs in its own process (so its peak RSS is its own) on the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -79,6 +81,9 @@ class Bench:
     pte: Callable | None = None
     # what --configs runs when not given (None: every configuration); variants kept for a study stay opt-in
     default_configs: tuple[str, ...] | None = None
+    # config -> the dtype its training steps and scoring run in under torch.autocast (a float32 model in
+    # mixed precision, as the HF Trainer's bf16=True runs it)
+    autocast: Mapping[str, torch.dtype] = field(default_factory=dict)
 
 
 # --- one configuration, in its own process ------------------------------------------------------------
@@ -165,30 +170,37 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
                     settings=_settings(timing_steps, eval_blocks, batch_size, block_len, warmup, decay))
     reset_peak_rss()
     module, optimizer = bench.build(config, model)
-    if optimizer is not None:
-        stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, warmup, decay))
-        step = scheduled(train_step, schedule)
-        module.train()
-        result.memory = tracked_memory(module, optimizer, step, stream, result.losses)
-        times = []
-        for _ in range(timing_steps):
-            start = time.perf_counter()
-            result.losses.append(step(module, optimizer, next(stream)))
-            times.append(time.perf_counter() - start)
-        result.step_seconds = statistics.median(times)
-        for input_ids in stream:
-            result.losses.append(step(module, optimizer, input_ids))
-        module.eval()
-    result.peak_rss = peak_rss_bytes()
-    result.perplexity = perplexity(lambda ids: logits_of(module, ids), heldout, progress=False)
+    with mixed_precision(bench.autocast.get(config)):
+        if optimizer is not None:
+            stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, warmup, decay))
+            step = scheduled(train_step, schedule)
+            module.train()
+            result.memory = tracked_memory(module, optimizer, step, stream, result.losses)
+            times = []
+            for _ in range(timing_steps):
+                start = time.perf_counter()
+                result.losses.append(step(module, optimizer, next(stream)))
+                times.append(time.perf_counter() - start)
+            result.step_seconds = statistics.median(times)
+            for input_ids in stream:
+                result.losses.append(step(module, optimizer, input_ids))
+            module.eval()
+        result.peak_rss = peak_rss_bytes()
+        result.perplexity = perplexity(lambda ids: logits_of(module, ids), heldout, progress=False)
     deployed = bench.deployed(config, module) if bench.deployed is not None else None
     if deployed is not None:
-        result.deployed_perplexity = perplexity(lambda ids: logits_of(deployed, ids), heldout, progress=False)
-        if pte_path is not None and bench.pte is not None:
+        with mixed_precision(bench.autocast.get(config)):
+            result.deployed_perplexity = perplexity(lambda ids: logits_of(deployed, ids), heldout, progress=False)
+        if pte_path is not None and bench.pte is not None:  # exported as it deploys, outside autocast
             figures = bench.pte(config, deployed, heldout, pte_path)
             result.pte = asdict(figures) if figures is not None else {}
     return result
+
+
+def mixed_precision(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on the CPU in `dtype`, or nothing for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
 
 
 # --- all configurations, side by side ---------------------------------------------------------------------
