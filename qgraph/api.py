@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from torch import nn
 
 from qgraph.capture import capture, capture_info
-from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype
+from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype, slow_dtype_warning
 from qgraph.decode import decode_recipe
 from qgraph.errors import PlanError, unknown_name_message
 from qgraph.graph import LINEAR_FORMS
@@ -67,6 +68,8 @@ def transform(
 
     check_dtype(dtype)
     check_model(model)
+    if (slow := slow_dtype_warning(dtype, model)) is not None:
+        warnings.warn(slow, stacklevel=2)
     start = time.perf_counter()
     cast = cast_copy(model, dtype) if dtype is not None else CastModel(model)
     gm = capture(cast.model, example_inputs, weights_of=model)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import qgraph
+import qgraph.cast
 from qgraph.errors import PlanError, PretrainedError, QGraphError
 from qgraph.side_network import side_network
 from tests.conftest import make_llama, random_ids, train_steps
@@ -125,3 +126,21 @@ def test_bad_dtypes_are_refused_before_capture(snapshot):
     with pytest.raises(TypeError, match=r"pass the torch dtype \(torch.bfloat16\), not its name"):
         qgraph.transform(model, "nf4", dtype="bfloat16")
     before.assert_unchanged(model)
+
+
+@pytest.mark.parametrize("has_bf16_units", [False, True])
+def test_bf16_on_a_cpu_without_bf16_units_warns_and_names_float32(monkeypatch, has_bf16_units):
+    """Without AVX512-BF16/AMX a bf16 model trains ~10x slower than a float32 one: transform says so (and still
+    transforms); with them, or in float32, it says nothing."""
+    import warnings
+
+    monkeypatch.setattr(qgraph.cast, "cpu_has_bf16_matmul", lambda: has_bf16_units)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qm = qgraph.transform(make_llama(), "nf4", dtype=torch.bfloat16)
+        qgraph.transform(make_llama(), "nf4")
+    slow = [w for w in caught if "bf16 matrix units" in str(w.message)]
+    assert len(slow) == (0 if has_bf16_units else 1)
+    if slow:
+        assert "Train in float32 (dtype=None)" in str(slow[0].message) and slow[0].filename == __file__
+    assert qm(input_ids=random_ids((1, 8))).logits.dtype == torch.bfloat16
