@@ -43,8 +43,8 @@ import torch
 
 from benchlib import Bench, PteFigures, full_finetuning, logits_of, main
 
-TRAINED = ("lrqat-w4", "lrqat-w4-packed", "lrqat-w4-nockpt", "lrqat-w4-bf16", "lrqat-w4-autocast", "lrqat-w4a8", "peqa-w4", "full-ft", "torchao-qat",
-           "torchao-qat-ckpt", "torchao-8da4w-qat", "torchao-8da4w-qat-ckpt")
+TRAINED = ("lrqat-w4", "lrqat-w4-packed", "lrqat-w4-nockpt", "lrqat-w4-bf16", "lrqat-w4-autocast", "lrqat-w4a8",
+           "peqa-w4", "full-ft", "torchao-qat", "torchao-qat-ckpt", "torchao-8da4w-qat", "torchao-8da4w-qat-ckpt")
 EVAL_ONLY = ("fp", "rtn-w4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "torchao-qat"  # ratios are quoted against full-model QAT, as in the paper

@@ -64,7 +64,8 @@ LR_SPLITS: dict[str, dict[str, float]] = {
     "proj0.1": {"projections": 0.1},  # the down/upsamples slow: they are the widest (576 x 36) matrices
     "blocks3": {"blocks": 3.0},  # only the blocks faster (the whole network at 3x was worse: lr3e-2)
 }
-TRAINED = (*QST_VARIANTS, *(f"qst-nf4-lrsplit-{name}" for name in LR_SPLITS), "qlora", "qlora-ckpt", "lora", "full-ft")
+LRSPLIT_PREFIX = "qst-nf4-lrsplit-"
+TRAINED = (*QST_VARIANTS, *(LRSPLIT_PREFIX + name for name in LR_SPLITS), "qlora", "qlora-ckpt", "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "qlora"  # the paper's comparison: QST against QLoRA
@@ -78,7 +79,7 @@ def build(config: str, model: nn.Module):
 
     if config == "fp":
         return model, None
-    split = config.removeprefix("qst-nf4-lrsplit-") if config.startswith("qst-nf4-lrsplit-") else None
+    split = config.removeprefix(LRSPLIT_PREFIX) if config.startswith(LRSPLIT_PREFIX) else None
     if config == "nf4" or config in QST_VARIANTS or split in LR_SPLITS:
         options, lr = QST_VARIANTS.get(config, ({}, None))
         qm = qgraph.transform(model, "nf4") if config == "nf4" else qgraph.transform(model, "qst-nf4", **options)
