@@ -170,7 +170,8 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
                     settings=_settings(timing_steps, eval_blocks, batch_size, block_len, warmup, decay))
     reset_peak_rss()
     module, optimizer = bench.build(config, model)
-    with mixed_precision(bench.autocast.get(config)):
+    precision = bench.autocast.get(config)
+    with mixed_precision(precision):
         if optimizer is not None:
             stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, warmup, decay))
@@ -190,7 +191,7 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
         result.perplexity = perplexity(lambda ids: logits_of(module, ids), heldout, progress=False)
     deployed = bench.deployed(config, module) if bench.deployed is not None else None
     if deployed is not None:
-        with mixed_precision(bench.autocast.get(config)):
+        with mixed_precision(precision):
             result.deployed_perplexity = perplexity(lambda ids: logits_of(deployed, ids), heldout, progress=False)
         if pte_path is not None and bench.pte is not None:  # exported as it deploys, outside autocast
             figures = bench.pte(config, deployed, heldout, pte_path)
