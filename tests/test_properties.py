@@ -1,8 +1,8 @@
 """Property-based: random tiny models x every plan x random padding.
 
 `transform` either works — finite logits, real tokens untouched by padding, every matched linear rewritten or
-skipped with a reason, finalize equal to the trained forward — or raises a QGraphError that says why. Never
-another exception, never a silent partial rewrite. Bounded and derandomized for CI.
+skipped with a reason, finalize equal to the trained forward (to float rounding) — or raises a QGraphError that
+says why. Never another exception, never a silent partial rewrite. Bounded and derandomized for CI.
 """
 
 from __future__ import annotations
@@ -82,4 +82,9 @@ def test_transform_works_or_says_why(model, plan, seq, padding, seed):
     tolerance = 1e-3 if plan.endswith("a8") else 1e-4
     torch.testing.assert_close(logits[1:, :real], alone, atol=tolerance, rtol=tolerance, msg=f"{description} {plan}")
     finalized = qgraph.finalize(qm)
-    assert torch.equal(_logits(finalized, ids, mask), logits), (description, plan)
+    deployed = _logits(finalized, ids, mask)
+    # equal up to float rounding, not bit for bit: both graphs run the same ops on the same integer weights
+    # (test_finalize checks bitwise equality on fixed shapes), but on an AVX2 CPU (the CI machine) BLAS has
+    # given one of these random small shapes an ulp of difference between two runs of the same GEMM
+    torch.testing.assert_close(deployed, logits, atol=1e-6, rtol=1e-5, msg=f"{description} {plan}")
+    assert torch.equal(deployed.argmax(-1), logits.argmax(-1)), (description, plan)
