@@ -105,6 +105,13 @@ def test_table_quotes_paired_configs_against_their_own_peer_and_leaves_the_other
     assert old[2] == "| lrqat-w4 | 5 | 1.00 | 0.00 | 0.00 | 0.00 | 0.00 | 1.00 | 4.00 | 4.00x less | 2.00x faster | 10.00 |"
 
 
+def test_table_gives_an_autocast_configurations_float32_perplexity_beside_its_own():
+    mixed = Result("lrqat-w4-autocast", 5, perplexity=10.5, float32_perplexity=10.25)
+    table = markdown_table([result("torchao-qat", 4.0, 8.0), mixed], "torchao-qat", "torchao QAT").splitlines()
+    assert table[3].endswith("| 10.50 (float32: 10.25) |")
+    assert table[2].endswith("| 10.00 |")
+
+
 # --- --pte: the deployed forms as ExecuTorch .pte files ---------------------------------------------------------
 
 

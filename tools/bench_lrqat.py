@@ -8,7 +8,8 @@ writes results.json, results.md (the README table) and memory_time.png. One conf
 Variants: lrqat-w4-packed (Phi0 as int-packed codes), lrqat-w4-nockpt (no checkpoint boundaries:
 every activation kept, nothing recomputed), lrqat-w4-bf16 (transform(dtype=torch.bfloat16): the whole model
 in bf16), lrqat-w4-autocast (the float32 model trained and scored under torch.autocast("cpu", bf16): bf16
-matmuls, float32 residual stream, norms and master weights). Peers: full fine-tuning, torchao full-model QAT (int4
+matmuls, float32 residual stream, norms and master weights; scored again outside autocast, the
+float32 module as it deploys). Peers: full fine-tuning, torchao full-model QAT (int4
 per-channel symmetric fake quantization of the same decoder linears; with and without gradient
 checkpointing); baselines without training: the unquantized model and rtn-w4; peqa-w4 (scales only).
 

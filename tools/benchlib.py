@@ -50,6 +50,9 @@ class Result:
     deployed_perplexity: float = 0.0
     # the deployed form as a .pte (Bench.pte, --pte): asdict(PteFigures), empty when not made
     pte: dict[str, int | float | str] = field(default_factory=dict)
+    # a configuration trained under autocast (Bench.autocast) scored again without it, as its float32
+    # module deploys; 0 for the others
+    float32_perplexity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_bl
             module.eval()
         result.peak_rss = peak_rss_bytes()
         result.perplexity = perplexity(lambda ids: logits_of(module, ids), heldout, progress=False)
+    if precision is not None:
+        result.float32_perplexity = perplexity(lambda ids: logits_of(module, ids), heldout, progress=False)
     deployed = bench.deployed(config, module) if bench.deployed is not None else None
     if deployed is not None:
         with mixed_precision(precision):
@@ -328,11 +333,12 @@ def markdown_table(results: list[Result], peer_name: str, peer_label: str,
         time_ratio = (f"{peer.step_seconds / r.step_seconds:.2f}x faster{against}"
                       if peer and r.step_seconds and peer.step_seconds else "-")
         deployed = (f" {r.deployed_perplexity:.2f} |" if r.deployed_perplexity else " - |") if with_deployed else ""
+        float32 = f" (float32: {r.float32_perplexity:.2f})" if r.float32_perplexity else ""
         lines.append(
             f"| {r.config} | {r.steps} | {gib(m.get('Total', 0))} | {gib(m.get('Parameter', 0) + m.get('Buffer', 0))} "
             f"| {gib(m.get('Gradient', 0))} | {gib(m.get('Optstate', 0))} | {gib(m.get('Activation', 0) + m.get('Temp', 0))} "
             f"| {r.peak_rss / 2**30:.2f} | {f'{r.step_seconds:.2f}' if r.step_seconds else '-'} | {mem_ratio} | {time_ratio} "
-            f"| {r.perplexity:.2f} |{deployed}" + (_pte_cells(r, peer, against) if with_pte else ""))
+            f"| {r.perplexity:.2f}{float32} |{deployed}" + (_pte_cells(r, peer, against) if with_pte else ""))
     return "\n".join(lines) + "\n"
 
 
