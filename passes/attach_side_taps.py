@@ -28,7 +28,7 @@ from qgraph.graph import Block, LinearSite, decoder_blocks, get_attr_tensor, lin
 from qgraph.ops.nf4 import dequantize_nf4
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import ADDED, REWRITTEN, PassReport, SiteRecord
-from qgraph.rewrite import site_weight
+from qgraph.rewrite import other_readers, site_weight
 from qgraph.side_init import (
     INIT_KINDS, BackboneBlock, check_prunable, choose_block, hidden_scores, pruned_block_state, top_indices,
 )
@@ -70,6 +70,11 @@ class SideTapsOptions:
     # halfway between a tap and the side block's output; above 0 favours the blocks, so the first blocks' gradients
     # fade less on the way down the ladder (by b per block)
     gate_init: float = 0.0
+    # the head (a classifier's score, an untied lm_head) trains too, from its own float32 copy (the user's
+    # model keeps its head), as PEFT's task_type="SEQ_CLS" trains QLoRA's: the side network alone can only
+    # move the head's input, not the classes it separates. Refused for a head tied to the embedding, where
+    # training it would change what the backbone reads
+    train_head: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("r", self.r, "16 is the paper's default")
@@ -92,6 +97,8 @@ class SideTapsOptions:
         _check_positive("layer_stride", self.layer_stride, "1 taps every layer, 2 every other one")
         if self.heads is not None:
             _check_positive("heads", self.heads, "or None to derive it from the backbone")
+        if not isinstance(self.train_head, bool):
+            raise ValueError(f"train_head must be True or False, got {self.train_head!r}")
 
     @property
     def trains(self) -> bool:
@@ -365,6 +372,51 @@ def selection_linear(kept: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
     return {"weight": weight, "bias": torch.zeros(len(kept))}
 
 
+# --- a trainable head -----------------------------------------------------------------------------------
+
+
+def head_tensor_names(head: LinearSite) -> list[str]:
+    return [head.weight_name, *([head.bias_name] if head.bias_name else [])]
+
+
+def tied_readers(gm: fx.GraphModule, head: LinearSite) -> list[fx.Node]:
+    """Nodes besides the head that read its weight, under its name or another one for the same tensor."""
+    weight = get_attr_tensor(gm, head.weight_name)
+    aliases = [node for node in gm.graph.find_nodes(op="get_attr")
+               if node.target != head.weight_name and get_attr_tensor(gm, node.target) is weight]
+    return other_readers(gm, head) + [user for node in aliases for user in node.users]
+
+
+def check_trainable_head(gm: fx.GraphModule, head: LinearSite) -> None:
+    """train_head=True needs a float32 head of its own: raised before the graph changes."""
+    tied = tied_readers(gm, head)
+    if tied:
+        readers = ", ".join(sorted({module_path(node) or node.name for node in tied}))
+        raise PassError(f"{PASS_NAME}: train_head=True, but the head {head.path}'s weight is also read by {readers} "
+                        "(tied to the embedding): training it would change what the backbone reads, and gradient "
+                        "would enter the backbone; nothing was changed. Fix: leave train_head False, or untie the "
+                        "weights before transform (config.tie_word_embeddings=False and a copy of the embedding)")
+    for name in head_tensor_names(head):
+        tensor = get_attr_tensor(gm, name)
+        if tensor.dtype != torch.float32:
+            raise PassError(f"{PASS_NAME}: train_head=True, but the head {head.path} computes in {tensor.dtype}, "
+                            "where every update below 2^-8 of a weight is lost; nothing was changed. Fix: transform "
+                            "the float32 model (no dtype=), or leave train_head False")
+
+
+def own_head_parameters(gm: fx.GraphModule, head: LinearSite, context: PassContext) -> list[str]:
+    """Give the graph its own copy of the head's weight (and bias) to train, so the user's model keeps its head;
+    made once, so a second graph of the model (qgraph.decode) trains the same copy. Returns their names."""
+    names = head_tensor_names(head)
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = gm.get_submodule(owner)
+        module._buffers.pop(attr, None)
+        module._parameters[attr] = context.make_once(
+            (PASS_NAME, "head", name), lambda: nn.Parameter(get_attr_tensor(gm, name).detach().clone()))
+    return names
+
+
 # --- the rewrite ----------------------------------------------------------------------------------------
 
 
@@ -380,6 +432,8 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
         raise PassError(f"{PASS_NAME}: the graph already has a side network ({SIDE_MODULE}); run the pass once")
     # every check (and the head search) happens before the graph changes
     head = find_head(gm, blocks)
+    if options.train_head:
+        check_trainable_head(gm, head)
     tapped = tapped_blocks(blocks, options.layer_stride)
     taps = [blocks[0].hidden_in, *(block.hidden_out for block in tapped)]
     config = side_config(gm, blocks, len(taps), options)
@@ -394,11 +448,14 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
         side_node = graph.call_module(SIDE_MODULE, (detached[0], masks[0] if masks else None, *detached[1:]))
     head.node.replace_input_with(head.input, side_node)
 
-    context.trainable.setdefault(PASS_NAME, []).extend(f"{SIDE_MODULE}.{name}" for name, _ in side.named_parameters())
+    trainable = context.trainable.setdefault(PASS_NAME, [])
+    trainable.extend(f"{SIDE_MODULE}.{name}" for name, _ in side.named_parameters())
+    if options.train_head:
+        trainable.extend(own_head_parameters(gm, head, context))
     report.matched = len(taps)
     embedding = module_path(blocks[0].hidden_in) or f"{blocks[0].path} input"
     report.records.extend(_tap_records(side, [embedding, *(b.path for b in tapped)]))
-    report.records.append(_head_record(side, head))
+    report.records.append(_head_record(side, head, options.train_head))
     report.notes.append(_init_note(options, pruned, config))
     if not masks:
         report.notes.append(f"no {MASK_INPUT} input in the graph: the side network treats every token as real")
@@ -452,18 +509,23 @@ def _tap_records(side: SideNetwork, paths: list[str]) -> list[SiteRecord]:
     return records
 
 
-def _head_record(side: SideNetwork, head: LinearSite) -> SiteRecord:
+def _head_record(side: SideNetwork, head: LinearSite, train_head: bool) -> SiteRecord:
     modulation = [side.modulation] if side.config.mix == "modulate" else []
     params, nbytes = _param_count(side.norm, side.upsample, *modulation)
     upsample = f"upsample {side.config.width}->{side.config.backbone_width}"
+    head_params = head.in_features * head.out_features + (head.out_features if head.bias_name else 0)
+    trained = f"; the head's own {head_params} parameters train too" if train_head else ""
+    if train_head:
+        params, nbytes = params + head_params, nbytes + head_params * 4
     if side.config.mix == "residual":
         return SiteRecord(head.path, REWRITTEN, params=params, bytes_after=nbytes,
-                          detail=f"input -> h + upsample(norm(h_g)), {upsample} starting at 0 (starts as the backbone)")
+                          detail=f"input -> h + upsample(norm(h_g)), {upsample} starting at 0 (starts as the "
+                                 f"backbone){trained}")
     gate = f"a ({side.mix.numel()} features)" if side.config.mix == "channel" else "a"
     modulated = " + h*modulation(norm(h_g))" if modulation else ""
     return SiteRecord(head.path, REWRITTEN, params=params + side.mix.numel(), bytes_after=nbytes + side.mix.nbytes,
                       detail=f"input -> a*h + (1-a)*upsample(norm(h_g)){modulated}, {upsample}, {gate}=1 "
-                             "(starts as the backbone)")
+                             f"(starts as the backbone){trained}")
 
 
 PASS = PassSpec(PASS_NAME, attach_side_taps, SideTapsOptions,

@@ -28,8 +28,8 @@ def train(module, optimizer, ids, mask, labels, steps=4):
 
 
 @pytest.mark.parametrize("config", bench_qst_cls.CONFIGS)
-def test_each_configuration_trains_its_own_tensors_and_not_the_score_head(config):
-    if config == "qlora":
+def test_each_configuration_trains_its_own_tensors_and_the_score_head_only_when_named(config):
+    if config.startswith("qlora"):
         pytest.importorskip("peft", reason="the bench extra (peft) is not installed: pip install -e .[bench]")
     model = tiny_sequence_classifier("llama", num_labels=3)
     head = model.score.weight.detach().clone()
@@ -41,9 +41,12 @@ def test_each_configuration_trains_its_own_tensors_and_not_the_score_head(config
     assert trainable and all(p.requires_grad for p in trainable)
     losses = train(module, optimizer, ids, mask, torch.tensor([0, 1, 2, 1]))
     assert losses[-1] < losses[0]
-    scores = [p for name, p in module.named_parameters() if name.endswith("score.weight")] or \
-        [t for name, t in module.state_dict().items() if name.endswith("score.weight")]
-    assert scores and all(torch.equal(s.detach(), head) for s in scores)
+    # PEFT's modules_to_save keeps the original head beside the trained copy; qgraph trains its own copy
+    scores = {name: t for name, t in module.state_dict().items() if "score." in name and name.endswith(".weight")}
+    assert scores
+    moved = [name for name, t in scores.items() if not torch.equal(t, head)]
+    assert bool(moved) == config.endswith("-head"), (config, sorted(scores))
+    assert torch.equal(model.score.weight.detach(), head) or config == "qlora-head"  # PEFT trains the model's own
     assert bench_qst_cls.accuracy(module.eval(), [("x", 0)], _Tokenizer(), max_len=4) in (0.0, 1.0)
 
 

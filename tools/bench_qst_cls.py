@@ -4,10 +4,12 @@ classification head, held-out accuracy after the same steps on the same batches.
 
     python tools/bench_qst_cls.py --steps 100 --out out/bench_qst_cls
 
-runs each configuration in its own process and writes results.json, results.md and losses.png. Both start from
-the same randomly drawn score head (576 -> 8, seed 0) and leave it frozen, so what differs is only how each
-method adapts the model in front of it: qst-nf4 trains its side network (lr 1e-2), QLoRA (bench_qst's: NF4
-backbone, LoRA r=16 on every decoder linear) its adapters (lr 2e-4). Needs the `bench` extra (peft, matplotlib).
+runs each configuration in its own process and writes results.json, results.md and losses.png. All start from
+the same randomly drawn score head (576 -> 8, seed 0). qst-nf4 and qlora leave it frozen, so what differs is only
+how each method adapts the model in front of it: qst-nf4 trains its side network (lr 1e-2), QLoRA (bench_qst's:
+NF4 backbone, LoRA r=16 on every decoder linear) its adapters (lr 2e-4). The -head variants train the score
+head too, each at its method's learning rate: qst-nf4-head through transform(..., train_head=True), qlora-head
+as PEFT's task_type="SEQ_CLS" does (the head in modules_to_save). Needs the `bench` extra (peft, matplotlib).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from benchlib import loss_curves, run_in_subprocess
 from qgraph.side_network import SIDE_NETWORK_LR
 
 SEED = 0
-CONFIGS = ("qst-nf4", "qlora")
+CONFIGS = ("qst-nf4", "qlora", "qst-nf4-head", "qlora-head")
 
 
 @dataclass
@@ -57,14 +59,16 @@ def classifier(num_labels: int) -> tuple[torch.nn.Module, object]:
 
 
 def build(config: str, model: torch.nn.Module, example: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """(module, AdamW over its trainable tensors); the score head stays frozen in both."""
-    if config == "qst-nf4":
+    """(module, AdamW over its trainable tensors); the score head trains in the -head configurations only."""
+    train_head = config.endswith("-head")
+    if config.startswith("qst-nf4"):
         import qgraph
 
-        qm = qgraph.transform(model, "qst-nf4", example_inputs=example)
+        qm = qgraph.transform(model, "qst-nf4", example_inputs=example, train_head=train_head)
         return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95),
                                      weight_decay=0.0)  # as bench_qst.build's
-    return lora(model, quantize=True, checkpointing=False, task_type=None)  # no task type: the head stays frozen
+    # SEQ_CLS puts the score head in modules_to_save (trained); no task type leaves it frozen
+    return lora(model, quantize=True, checkpointing=False, task_type="SEQ_CLS" if train_head else None)
 
 
 def accuracy(module: torch.nn.Module, examples: list, tokenizer, max_len: int, batch_size: int = 16) -> float:

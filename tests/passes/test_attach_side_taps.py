@@ -229,6 +229,77 @@ def test_sequence_classifier_mixes_into_the_score_head(family):
     assert losses[-1] < losses[0], losses
 
 
+def head_tensors(qm):
+    return {name: p for name, p in qm.graph_module.named_parameters() if name.startswith("score.")}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_train_head_trains_a_copy_of_the_score_head_beside_the_side_network(family, snapshot):
+    model = tiny_sequence_classifier(family, layers=LAYERS)
+    before = snapshot(model)
+    qm = qgraph.transform(model, "qst-nf4", r=4, train_head=True)
+    ids, labels = random_ids((4, 12), seed=6), torch.tensor([0, 1, 1, 0])
+    assert torch.equal(logits(qm, ids), logits(qgraph.transform(model, "nf4"), ids))  # step 0: the nf4 model
+    head = head_tensors(qm)
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    assert head and all(p.dtype == torch.float32 for p in head.values())
+    assert {id(p) for p in qm.trainable_parameters()} == {id(p) for p in [*side.parameters(), *head.values()]}
+    assert all(p.data_ptr() != model.score.weight.data_ptr() for p in head.values())  # its own copy
+    optimizer = torch.optim.AdamW(qm.trainable_parameters(), lr=1e-2)
+    start = {name: p.detach().clone() for name, p in head.items()}
+    losses = []
+    for _ in range(6):
+        loss = qm(input_ids=ids, labels=labels).loss
+        loss.backward()
+        assert all(p.grad is None for p in qm.parameters() if not p.requires_grad)  # none enters the backbone
+        assert all(p.grad is not None for p in head.values())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert not any(torch.equal(start[name], p) for name, p in head.items())
+    before.assert_unchanged(model)  # the user's score head did not move
+
+
+def test_train_head_is_in_the_report_and_the_saved_state(tmp_path):
+    model = tiny_sequence_classifier("llama", layers=LAYERS)
+    qm = qgraph.transform(model, "qst-nf4", r=4, train_head=True)
+    [record] = [r for r in qm.report["attach_side_taps"].records if r.path == "score"]
+    assert "the head's own 128 parameters train too" in record.detail
+    with torch.no_grad():
+        next(iter(head_tensors(qm).values())).add_(0.5)  # as training would move it
+    loaded = qgraph.from_pretrained(tiny_sequence_classifier("llama", layers=LAYERS), qm.save_pretrained(tmp_path))
+    ids = random_ids((2, 9), seed=3)
+    assert torch.equal(logits(loaded, ids), logits(qm, ids))
+
+
+def test_train_head_refuses_a_head_tied_to_the_embedding(tiny_gpt2, snapshot):
+    before = snapshot(tiny_gpt2)
+    with pytest.raises(PassError, match=r"train_head=True, but the head lm_head's weight is also read by "
+                                        r".*wte \(tied to the embedding\).*Fix: leave train_head False"):
+        qgraph.transform(tiny_gpt2, "qst-nf4", r=4, train_head=True)
+    before.assert_unchanged(tiny_gpt2)
+
+
+def test_train_head_trains_an_untied_lm_head(tiny_llama):
+    qm = qgraph.transform(tiny_llama, "qst-nf4", r=4, train_head=True)
+    assert "lm_head.weight" in {name for name, p in qm.graph_module.named_parameters() if p.requires_grad}
+    ids = random_ids((2, 12), seed=2)
+    qm(input_ids=ids, labels=ids).loss.backward()
+    head = qm.graph_module.get_parameter("lm_head.weight")
+    assert head.grad is not None
+    with torch.no_grad():
+        head.add_(torch.randn_like(head))  # as training moves it: the KV-cached decode graph reads the same copy
+    prompt = random_ids((1, 5), seed=4)
+    assert torch.equal(qm.generate(prompt, max_new_tokens=6), qm.generate(prompt, max_new_tokens=6, use_cache=False))
+
+
+def test_train_head_refuses_a_bf16_head():
+    model = tiny_sequence_classifier("llama", layers=LAYERS)
+    with pytest.raises(PassError, match=r"computes in torch.bfloat16.*Fix: transform the float32 model"):
+        qgraph.transform(model, "qst-nf4", r=4, train_head=True, dtype=torch.bfloat16)
+
+
 # --- bad options: clear errors, nothing changed -------------------------------------------------------------
 
 
@@ -240,6 +311,7 @@ def test_sequence_classifier_mixes_into_the_score_head(family):
     ({"r": 0}, "r must be a positive integer"),
     ({"adapter_rank": 2.5}, "adapter_rank must be a positive integer"),
     ({"layer_stride": True}, "layer_stride must be a positive integer"),
+    ({"train_head": "yes"}, "train_head must be True or False, got 'yes'"),
 ])
 def test_bad_option_values_fail_before_capture(tiny_llama, snapshot, options, message):
     before = snapshot(tiny_llama)
