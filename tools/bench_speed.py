@@ -169,19 +169,20 @@ def training_rounds(report: Report, args: argparse.Namespace, progress: Progress
     train_text, _ = train_heldout_split()
     blocks = token_blocks(train_text, tokenizer, args.block_len)
     stream = list(batches(blocks, args.batch_size, seed=SEED, steps=args.rounds + 1))
-    modules = {}
+    modules = {}  # name -> (module, optimizer, autocast dtype or None)
     task = progress.add_task("building training configurations", total=len(args.train) * len(args.dtypes))
     for dtype_name in args.dtypes:
         for config in args.train:
             torch.manual_seed(SEED)
             model_dtype = DTYPES.get(dtype_name, torch.float32)  # a MIXED precision trains the float32 model
-            modules[f"{config}/{dtype_name}"] = build_training(config, smollm2(), model_dtype)
+            modules[f"{config}/{dtype_name}"] = (*build_training(config, smollm2(), model_dtype),
+                                                 MIXED.get(dtype_name))
             progress.advance(task)
     task = progress.add_task("training steps, every configuration in turn", total=len(stream) * len(modules))
     for round_index, input_ids in enumerate(stream):
-        for name, (module, optimizer) in modules.items():
+        for name, (module, optimizer, autocast_dtype) in modules.items():
             module.train()
-            with mixed_precision(MIXED.get(name.rpartition("/")[2])):
+            with mixed_precision(autocast_dtype):
                 seconds, _ = timed(lambda: train_step(module, optimizer, input_ids))
             if round_index:  # round 0 warms up (allocator, first-call caches)
                 report.seconds.setdefault(name, []).append(seconds)
