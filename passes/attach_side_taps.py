@@ -413,7 +413,7 @@ def own_head_parameters(gm: fx.GraphModule, head: LinearSite, context: PassConte
         module = gm.get_submodule(owner)
         module._buffers.pop(attr, None)
         module._parameters[attr] = context.make_once(
-            (PASS_NAME, "head", name), lambda: nn.Parameter(get_attr_tensor(gm, name).detach().clone()))
+            (PASS_NAME, "head", name), lambda name=name: nn.Parameter(get_attr_tensor(gm, name).detach().clone()))
     return names
 
 
