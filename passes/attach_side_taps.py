@@ -379,17 +379,9 @@ def head_tensor_names(head: LinearSite) -> list[str]:
     return [head.weight_name, *([head.bias_name] if head.bias_name else [])]
 
 
-def tied_readers(gm: fx.GraphModule, head: LinearSite) -> list[fx.Node]:
-    """Nodes besides the head that read its weight, under its name or another one for the same tensor."""
-    weight = get_attr_tensor(gm, head.weight_name)
-    aliases = [node for node in gm.graph.find_nodes(op="get_attr")
-               if node.target != head.weight_name and get_attr_tensor(gm, node.target) is weight]
-    return other_readers(gm, head) + [user for node in aliases for user in node.users]
-
-
 def check_trainable_head(gm: fx.GraphModule, head: LinearSite) -> None:
     """train_head=True needs a float32 head of its own: raised before the graph changes."""
-    tied = tied_readers(gm, head)
+    tied = other_readers(gm, head)  # the tied-weight check quantize_nf4 and lrqat use
     if tied:
         readers = ", ".join(sorted({module_path(node) or node.name for node in tied}))
         raise PassError(f"{PASS_NAME}: train_head=True, but the head {head.path}'s weight is also read by {readers} "
@@ -411,7 +403,6 @@ def own_head_parameters(gm: fx.GraphModule, head: LinearSite, context: PassConte
     for name in names:
         owner, _, attr = name.rpartition(".")
         module = gm.get_submodule(owner)
-        module._buffers.pop(attr, None)
         module._parameters[attr] = context.make_once(
             (PASS_NAME, "head", name), lambda name=name: nn.Parameter(get_attr_tensor(gm, name).detach().clone()))
     return names
