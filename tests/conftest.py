@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import qgraph
 from qgraph.models import tiny_causal_lm
+
+# Under pytest-xdist (`-n 2`, the README's test command) each worker process runs tests of its own: one torch
+# thread each keeps two workers on two cores instead of four threads contending for them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 LAYERS = 2
 HIDDEN = 64
