@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qgraph.errors import QGraphError
+from qgraph.ops.rotary import rotary_reference
 
 SIDE_MODULE = "qst_side"  # the side network's attribute on the GraphModule (and its parameters' prefix)
 DOWNSAMPLE_KINDS = ("adapter", "lora", "linear", "maxpool", "avgpool")
@@ -124,10 +125,13 @@ def rotary_tables(positions: Tensor, head_dim: int, dtype: torch.dtype, theta: f
 
 
 def rotate(x: Tensor, rotary: Rotary) -> Tensor:
-    """Rotary position embedding of x (B, heads, T, head_dim)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * rotary.cos - x2 * rotary.sin, x2 * rotary.cos + x1 * rotary.sin), dim=-1)
+    """Rotary position embedding of x (B, heads, T, head_dim).
+
+    Compiled, one opaque op (qgraph::rotary: inductor's CPU code for a head of a few features was 30x slower
+    than eager's); eager and torch.export, the plain ops."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return torch.ops.qgraph.rotary(x, rotary.cos, rotary.sin)
+    return rotary_reference(x, rotary.cos, rotary.sin)
 
 
 @dataclass
