@@ -127,8 +127,8 @@ def rotary_tables(positions: Tensor, head_dim: int, dtype: torch.dtype, theta: f
 def rotate(x: Tensor, rotary: Rotary) -> Tensor:
     """Rotary position embedding of x (B, heads, T, head_dim).
 
-    Compiled, one opaque op (qgraph::rotary: inductor's CPU code for a head of a few features was 30x slower
-    than eager's); eager and torch.export, the plain ops."""
+    Compiled, one opaque op (qgraph::rotary: inductor's CPU code for a head of a few features was ten times
+    slower than eager's); eager and torch.export, the plain ops."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return torch.ops.qgraph.rotary(x, rotary.cos, rotary.sin)
     return rotary_reference(x, rotary.cos, rotary.sin)

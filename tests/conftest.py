@@ -7,9 +7,8 @@ graph or a model build their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
