@@ -14,6 +14,7 @@ from qgraph.decode import DecodeSession
 from qgraph.errors import QGraphError
 from qgraph.generate import RecomputeSession
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
+from qgraph.ops.nf4 import bitsandbytes_inference_kernel
 from qgraph.side_network import side_network
 from tests.conftest import random_ids, train_steps
 from tests.test_generate import nf4_decoded
@@ -139,7 +140,37 @@ def test_nf4_greedy_equals_transformers_cached_generate_on_the_decoded_weights()
     with torch.no_grad():
         theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                               use_cache=True, pad_token_id=0)
+    # bitsandbytes_kernel=False: every weight decoded to float32, as the reference's are
+    assert torch.equal(qm.generate(prompt, max_new_tokens=12, bitsandbytes_kernel=False), theirs)
+
+
+def test_nf4_greedy_equals_transformers_with_bitsandbytes_linear4bit():
+    # the peer the speed table compares with: transformers' generate over bitsandbytes' own NF4 layers,
+    # which run its fused CPU kernel in eval mode (where the CPU has AVX512-BF16), as qm.generate does
+    import bitsandbytes as bnb
+
+    model = tiny_causal_lm("llama", layers=2)
+    qm = qgraph.transform(model, "nf4")
+    ref = copy.deepcopy(model)
+    for name, linear in list(ref.named_modules()):
+        if isinstance(linear, nn.Linear) and ".layers." in name:
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", blocksize=64)
+            owner, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(owner), attr, layer.to("cpu"))
+    ref.generation_config.eos_token_id = None
+    prompt = random_ids((1, 8), seed=5)
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        theirs = ref.eval().generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                     use_cache=True, pad_token_id=0)
+        their_logits = ref(prompt, attention_mask=mask).logits[:, -1]
+        with bitsandbytes_inference_kernel():
+            our_logits = qm.decode_session().start(prompt, mask)
     assert torch.equal(qm.generate(prompt, max_new_tokens=12), theirs)
+    assert torch.equal(our_logits, their_logits)  # the same kernel on the same bytes, not merely close
 
 
 def test_a_finalized_module_decodes_its_folded_weights_with_the_cache(trained):

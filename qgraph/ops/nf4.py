@@ -5,11 +5,21 @@ weights; with double quantization the absmaxes are themselves 8-bit codes with a
 block of `nested_blocksize` and a mean `offset`. The kernel hands this to bitsandbytes (its CUDA
 kernels on GPU); `nf4_linear_reference` decodes the same bytes in plain PyTorch for the tests.
 The weight is frozen: the op differentiates with respect to x (and bias) only.
+
+Inside `bitsandbytes_inference_kernel()` (what `qm.generate` runs under), a call that needs no gradient runs
+on the CPU as bitsandbytes' own Linear4bit does in eval mode: its fused 4-bit kernel over a CPU layout of the
+weight (activations and absmaxes in bf16), so generation costs what transformers + bitsandbytes' `generate`
+costs and gives its tokens. Everywhere else the op decodes the weight to float32, bit for bit as
+`dequantize_4bit`, which is what training and evaluation see.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 # bitsandbytes warns on import that an optional faster CPU kernel package is absent; the kernels it
@@ -20,6 +30,7 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,16 @@ def _bnb_state(
     )
 
 
+def _float_absmax(absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
+                  offset: Tensor | None, nested_blocksize: int) -> Tensor:
+    """One fp32 absmax per block, decoding the 8-bit codes of double quantization as bitsandbytes does."""
+    if nested_absmax is None:
+        return absmax
+    decoded = torch.ops.bitsandbytes.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize,
+                                                          torch.float32)
+    return decoded + offset
+
+
 def dequantize_nf4(
     packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
     offset: Tensor | None, out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
@@ -83,9 +104,78 @@ def dequantize_nf4(
         # wrongly; the plain decode gives the exact NF4 values (GPU kernels are unaffected)
         return decode_nf4(packed, absmax, code, nested_absmax, nested_code, offset,
                           out_features, in_features, blocksize, nested_blocksize)
-    state = _bnb_state(absmax, code, nested_absmax, nested_code, offset, (out_features, in_features),
-                       blocksize, nested_blocksize)
-    return bnbf.dequantize_4bit(packed, state)
+    # bitsandbytes' registered ops, not `bnbf.dequantize_4bit`: the same kernels without building two
+    # QuantState objects per call, which cost more than the decode in a one-token decode step
+    absmax = _float_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", [out_features, in_features],
+                                                  torch.float32)
+
+
+# --- bitsandbytes' CPU inference kernel ---------------------------------------------------------------------
+
+_INFERENCE_KERNEL = contextvars.ContextVar("qgraph_nf4_inference_kernel", default=False)
+
+
+@contextlib.contextmanager
+def bitsandbytes_inference_kernel(enabled: bool = True) -> Iterator[None]:
+    """Within: calls that need no gradient run through bitsandbytes' CPU inference kernel where it applies
+    (`uses_inference_kernel`), as bitsandbytes' Linear4bit does in eval mode. enabled=False: the float32 decode."""
+    token = _INFERENCE_KERNEL.set(enabled)
+    try:
+        yield
+    finally:
+        _INFERENCE_KERNEL.reset(token)
+
+
+@functools.cache
+def cpu_inference_kernel_available() -> bool:
+    """bitsandbytes registers its fused CPU kernel only on CPUs with AVX512-BF16."""
+    return bnbf.has_avx512bf16() and hasattr(bnbf, "_convert_weight_packed_for_cpu")
+
+
+def uses_inference_kernel(x: Tensor, bias: Tensor | None, out_features: int, in_features: int,
+                          blocksize: int) -> bool:
+    """Whether this call runs on bitsandbytes' CPU kernel: inside `bitsandbytes_inference_kernel()`, no
+    gradient wanted, on a CPU that has the kernel, and a weight its layout takes (rows in tiles of 32, no
+    block across rows). Other layers decode to float32 as in training, which is exact, only slower."""
+    # requires_grad, not grad mode: the op's own forward always runs with grad mode off
+    wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
+    return (_INFERENCE_KERNEL.get() and not wants_grad and x.device.type == "cpu"
+            and out_features % 32 == 0 and in_features % blocksize == 0 and cpu_inference_kernel_available())
+
+
+@dataclass(frozen=True)
+class _CPULayout:
+    versions: tuple[int, ...]  # of the stored tensors it was made from: a changed weight remakes it
+    packed: Tensor  # uint8 (out, in/2), tiled as the kernel reads it
+    absmax: Tensor  # bf16 (in/blocksize, out)
+    code: Tensor
+
+
+# Made once per weight and kept beside it (as many bytes again as the packed codes, plus the absmaxes in bf16):
+# making one costs ~4 ms, which would cost more than the generation it serves. bitsandbytes converts its
+# weight in place instead; here the training graph keeps reading the standard layout.
+_CPU_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cpu_layout(stored: tuple[Tensor | None, ...], out_features: int, in_features: int, blocksize: int,
+                nested_blocksize: int) -> _CPULayout:
+    packed = stored[0]
+    versions = tuple(t._version for t in stored if t is not None)
+    layout = _CPU_LAYOUTS.get(packed)
+    if layout is None or layout.versions != versions:
+        state = _bnb_state(*stored[1:], (out_features, in_features), blocksize, nested_blocksize)
+        tiled, state = bnbf._convert_weight_packed_for_cpu(packed, state)
+        layout = _CPULayout(versions, tiled, state.absmax, state.code)
+        _CPU_LAYOUTS[packed] = layout
+    return layout
+
+
+def _inference_kernel_linear(x: Tensor, layout: _CPULayout, bias: Tensor | None, out_features: int,
+                             in_features: int, blocksize: int) -> Tensor:
+    out = torch.ops.bitsandbytes.gemv_4bit(x, layout.packed, [out_features, in_features], layout.absmax,
+                                           layout.code, blocksize)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 @torch.library.custom_op("qgraph::nf4_linear", mutates_args=())
@@ -94,8 +184,11 @@ def nf4_linear(
     nested_code: Tensor | None, offset: Tensor | None, bias: Tensor | None,
     out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
 ) -> Tensor:
-    weight = dequantize_nf4(packed, absmax, code, nested_absmax, nested_code, offset,
-                            out_features, in_features, blocksize, nested_blocksize)
+    stored = (packed, absmax, code, nested_absmax, nested_code, offset)
+    if uses_inference_kernel(x, bias, out_features, in_features, blocksize):
+        layout = _cpu_layout(stored, out_features, in_features, blocksize, nested_blocksize)
+        return _inference_kernel_linear(x, layout, bias, out_features, in_features, blocksize)
+    weight = dequantize_nf4(*stored, out_features, in_features, blocksize, nested_blocksize)
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 

@@ -5,12 +5,15 @@ import torch.nn.functional as F
 
 from qgraph.ops.nf4 import (
     NF4Weight,
+    bitsandbytes_inference_kernel,
+    cpu_inference_kernel_available,
     decode_nf4,
     dequantize_nf4,
     nf4_linear,
     nf4_linear_from,
     nf4_linear_reference,
     quantize_nf4,
+    uses_inference_kernel,
 )
 
 OP = torch.ops.qgraph.nf4_linear.default
@@ -214,3 +217,84 @@ def test_opcheck(double_quant, with_bias):
     bias = torch.randn(40, requires_grad=True) if with_bias else None
     x = torch.randn(3, 48, requires_grad=True)
     torch.library.opcheck(OP, op_args(x, q, bias))
+
+
+# --- bitsandbytes' CPU inference kernel (what generate runs) ------------------------------------------------
+
+
+def bitsandbytes_linear(w: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    """bitsandbytes' own NF4 layer of the same weight, in eval mode: the peer generation is compared with."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias is not None, compute_dtype=torch.float32,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layer.to("cpu").eval()  # .to() quantizes
+
+
+@pytest.mark.parametrize("x_lead", [(1, 1), (1, 7), (3, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_inference_kernel_equals_bitsandbytes_linear4bit_in_eval(x_lead, with_bias):
+    # on a CPU without AVX512-BF16 both sides decode to float32: still equal
+    w, bias = weight(96, 128), (torch.randn(96) if with_bias else None)
+    q, x = quantize_nf4(w), torch.randn(*x_lead, 128)
+    with torch.no_grad():
+        theirs = bitsandbytes_linear(w, bias)(x)
+        with bitsandbytes_inference_kernel():
+            ours = OP(*op_args(x, q, bias))
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.skipif(not cpu_inference_kernel_available(), reason="bitsandbytes' CPU kernel needs AVX512-BF16")
+def test_inference_kernel_is_within_bf16_rounding_of_the_float32_decode():
+    q, x = quantize_nf4(weight(96, 128)), torch.randn(4, 128)
+    exact = nf4_linear_reference(x, q)
+    with torch.no_grad(), bitsandbytes_inference_kernel():
+        assert uses_inference_kernel(x, None, 96, 128, 64)
+        fast = OP(*op_args(x, q))
+    assert not torch.equal(fast, exact)  # it is the kernel, not the float32 decode
+    # activations and absmaxes rounded to bf16 (8 bits): a few 2^-8 of the outputs' scale
+    torch.testing.assert_close(fast, exact, rtol=0, atol=4 * 2**-8 * exact.abs().max().item())
+
+
+def test_the_kernel_runs_only_without_gradient_and_inside_the_context():
+    q = quantize_nf4(weight(96, 128))
+    x = torch.randn(4, 128, requires_grad=True)
+    exact = OP(*op_args(x, q))
+    with bitsandbytes_inference_kernel():
+        assert not uses_inference_kernel(x, None, 96, 128, 64)  # gradient enabled: training's float32 decode
+        assert torch.equal(OP(*op_args(x, q)), exact)
+    with torch.no_grad():
+        x = x.detach()
+        assert not uses_inference_kernel(x, None, 96, 128, 64)  # outside the context
+        with bitsandbytes_inference_kernel(enabled=False):
+            assert not uses_inference_kernel(x, None, 96, 128, 64)
+            assert torch.equal(OP(*op_args(x, q)), exact)
+
+
+@pytest.mark.parametrize(("shape", "blocksize"), [((40, 128), 64), ((96, 100), 64), ((64, 96), 64)])
+def test_weights_the_kernel_layout_does_not_take_decode_in_float32(shape, blocksize):
+    # rows not in tiles of 32, or a block across two rows: the exact decode, as in training
+    q, x = quantize_nf4(weight(*shape), blocksize), torch.randn(3, shape[1])
+    with torch.no_grad(), bitsandbytes_inference_kernel():
+        assert not uses_inference_kernel(x, None, *shape, blocksize)
+        assert torch.equal(OP(*op_args(x, q)), nf4_linear_reference(x, q))
+
+
+def test_the_kernel_layout_follows_a_weight_changed_in_place():
+    first, second = quantize_nf4(weight(96, 128, seed=1)), quantize_nf4(weight(96, 128, seed=2))
+    x = torch.randn(2, 128)
+    with torch.no_grad(), bitsandbytes_inference_kernel():
+        OP(*op_args(x, first))  # makes and keeps the layout of first's tensors
+        for name in ("packed", "absmax", "nested_absmax", "offset"):
+            getattr(first, name).copy_(getattr(second, name))  # as load_state_dict does
+        assert torch.equal(OP(*op_args(x, first)), OP(*op_args(x, second)))
+
+
+def test_opcheck_inside_the_inference_context():
+    q = quantize_nf4(weight(96, 128))
+    with bitsandbytes_inference_kernel():
+        torch.library.opcheck(OP, op_args(torch.randn(3, 128), q, torch.randn(96)))
