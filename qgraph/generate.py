@@ -49,8 +49,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), bitsandbytes_inference_kernel(bitsandbytes_kernel):
+        with torch.no_grad():  # the first cached generation captures its decode graph: not in inference mode
             session = _session(model) if use_cache else RecomputeSession(model)
+        # inference mode, not only no_grad: an op call then skips the autograd layer, which is most of what
+        # a one-token step of small matmuls costs beyond its arithmetic
+        with torch.inference_mode(), bitsandbytes_inference_kernel(bitsandbytes_kernel):
             logits = session.start(input_ids, attention_mask) if max_new_tokens else None
             for step in range(max_new_tokens):
                 token = _pick(logits.float(), do_sample, temperature, top_k, generator)
@@ -63,7 +66,7 @@ def generate(
                 logits = session.step(token)
     finally:
         model.train(was_training)
-    return input_ids
+    return input_ids.clone()  # a tensor made in inference mode cannot enter autograd or change in place
 
 
 class Session(Protocol):
