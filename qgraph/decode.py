@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from qgraph.capture import EXAMPLE_BATCH, MAX_BATCH, structural_copy
 from qgraph.errors import QGraphError
+from qgraph.inference_graph import InferenceGraph, inference_graph
 from qgraph.pipeline import PassContext, run_pipeline
 from qgraph.plans import CHECKPOINT_PASS
 from qgraph.side_network import SIDE_MODULE, SideCache, SideNetwork
@@ -87,6 +88,13 @@ class DecodeGraph:
     cache: CacheShape
     example_inputs: dict[str, Any]  # by placeholder name: what a pass run on it verifies with
     seconds: float  # capture and passes
+    inference: InferenceGraph | None = field(default=None, repr=False)  # made at the first generation
+
+    def inference_module(self) -> fx.GraphModule:
+        """graph_module's generation-only form (qgraph.inference_graph), reading its tensors as they are now."""
+        if self.inference is None:
+            self.inference = inference_graph(self.graph_module)
+        return self.inference.refresh(self.graph_module)
 
 
 def cache_shape(model: nn.Module) -> CacheShape:
@@ -288,6 +296,7 @@ class DecodeSession:
 
     def __init__(self, decode: DecodeGraph) -> None:
         self.graph = decode
+        self.run = decode.inference_module()  # records no autograd: generate steps in inference mode
         self.past: list[Tensor] = []
         self.past_mask: Tensor | None = None
         self.length = 0  # tokens so far, padding included: positions count them, as the uncached graph's do
@@ -312,7 +321,7 @@ class DecodeSession:
         positions = torch.arange(self.length, self.length + new, device=input_ids.device).expand(len(input_ids), -1)
         side_cache = self.side.decoding(self.side_cache) if self.side is not None else contextlib.nullcontext()
         with side_cache:
-            logits, *self.past = self.graph.graph_module(input_ids, attention_mask, self.past_mask, positions, self.past)
+            logits, *self.past = self.run(input_ids, attention_mask, self.past_mask, positions, self.past)
         self.past_mask = torch.cat([self.past_mask, attention_mask], dim=1)
         self.length += new
         return logits[:, -1]

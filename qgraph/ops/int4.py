@@ -35,6 +35,13 @@ def check_int4_args(
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
 
 
+def int4_linear_kernel(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor], bits: int, group_size: int,
+                       in_features: int) -> Tensor:
+    """The op's forward as a plain function (what `qgraph.inference_graph` calls without the dispatcher)."""
+    check_int4_args(x, codes, scale, bias, bits, group_size, in_features)
+    return scaled_linear(x, unpack_codes(codes, bits, in_features), scale, bias, group_size)
+
+
 @torch.library.custom_op("qgraph::int4_linear", mutates_args=())
 def int4_linear(
     x: Tensor,
@@ -46,8 +53,7 @@ def int4_linear(
     in_features: int,
 ) -> Tensor:
     """y = x @ (s * codes)^T + bias with b-bit codes; group_size <= 0 means per-channel scales."""
-    check_int4_args(x, codes, scale, bias, bits, group_size, in_features)
-    return scaled_linear(x, unpack_codes(codes, bits, in_features), scale, bias, group_size)
+    return int4_linear_kernel(x, codes, scale, bias, bits, group_size, in_features)
 
 
 @int4_linear.register_fake

@@ -178,18 +178,28 @@ def _inference_kernel_linear(x: Tensor, layout: _CPULayout, bias: Tensor | None,
     return out if bias is None else out + bias.to(out.dtype)
 
 
-@torch.library.custom_op("qgraph::nf4_linear", mutates_args=())
-def nf4_linear(
+def nf4_linear_kernel(
     x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Tensor | None,
     nested_code: Tensor | None, offset: Tensor | None, bias: Tensor | None,
     out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
 ) -> Tensor:
+    """The op's forward as a plain function (what `qgraph.inference_graph` calls without the dispatcher)."""
     stored = (packed, absmax, code, nested_absmax, nested_code, offset)
     if uses_inference_kernel(x, bias, out_features, in_features, blocksize):
         layout = _cpu_layout(stored, out_features, in_features, blocksize, nested_blocksize)
         return _inference_kernel_linear(x, layout, bias, out_features, in_features, blocksize)
     weight = dequantize_nf4(*stored, out_features, in_features, blocksize, nested_blocksize)
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("qgraph::nf4_linear", mutates_args=())
+def nf4_linear(
+    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Tensor | None,
+    nested_code: Tensor | None, offset: Tensor | None, bias: Tensor | None,
+    out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
+) -> Tensor:
+    return nf4_linear_kernel(x, packed, absmax, code, nested_absmax, nested_code, offset, bias,
+                             out_features, in_features, blocksize, nested_blocksize)
 
 
 @nf4_linear.register_fake
