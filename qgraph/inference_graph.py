@@ -48,7 +48,7 @@ def inference_graph(source: fx.GraphModule) -> InferenceGraph:
     tensors: dict[str, str] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
-            attribute = flat_name(node.target)
+            attribute = f"t__{node.name}"  # node names are unique identifiers; dotted paths flattened might clash
             tensors[attribute] = node.target
             node.target = attribute
         elif node.op == "call_function" and node.target in kernels:
@@ -59,9 +59,4 @@ def inference_graph(source: fx.GraphModule) -> InferenceGraph:
     form = InferenceGraph(fx.GraphModule(root, graph, class_name="InferenceGraph"), tensors, modules)
     form.refresh(source)
     return form
-
-
-def flat_name(qualified_name: str) -> str:
-    """`model.layers.0.mlp.weight` -> `t__model__layers__0__mlp__weight`: one attribute, no path to walk."""
-    return "t__" + qualified_name.replace(".", "__")
 
