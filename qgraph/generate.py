@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from qgraph.errors import QGraphError
-from qgraph.ops.nf4 import bitsandbytes_inference_kernel
+from qgraph.ops.fused_inference import fused_inference
 
 
 def generate(
@@ -29,7 +29,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    bitsandbytes_kernel: bool = True,
+    fused_kernels: bool = True,
 ) -> Tensor:
     """input_ids (B, T) followed by up to `max_new_tokens` tokens each: (B, T + n).
 
@@ -37,9 +37,9 @@ def generate(
     A row that produced `eos_token_id` gets `pad_token_id` (default: the eos id) after it; decoding
     stops early once every row has. The model runs in eval mode and no_grad, and comes back in its mode.
     use_cache=False recomputes the whole sequence per token even where the model offers a KV cache.
-    bitsandbytes_kernel: NF4 layers run on bitsandbytes' fused CPU kernel where it applies, as transformers +
-    bitsandbytes' `generate` does (qgraph.ops.nf4: bf16 activations; several times faster at one token a
-    step); False decodes each weight to float32 as training and evaluation do.
+    fused_kernels: NF4 and int4 layers run on fused CPU kernels that compute in bf16 where they apply
+    (qgraph.ops.fused_inference: bitsandbytes' for NF4, as transformers + bitsandbytes' `generate` runs it;
+    torch's int4 packed matmul for finalized layers); False decodes each weight to float32 as training does.
     """
     _check_arguments(model, input_ids, max_new_tokens, temperature, top_k)
     if attention_mask is None:
@@ -53,7 +53,7 @@ def generate(
             session = _session(model) if use_cache else RecomputeSession(model)
         # inference mode, not only no_grad: an op call then skips the autograd layer, which is most of what
         # a one-token step of small matmuls costs beyond its arithmetic
-        with torch.inference_mode(), bitsandbytes_inference_kernel(bitsandbytes_kernel):
+        with torch.inference_mode(), fused_inference(fused_kernels):
             logits = session.start(input_ids, attention_mask) if max_new_tokens else None
             for step in range(max_new_tokens):
                 token = _pick(logits.float(), do_sample, temperature, top_k, generator)

@@ -14,7 +14,7 @@ from qgraph.decode import DecodeSession
 from qgraph.errors import QGraphError
 from qgraph.generate import RecomputeSession
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
-from qgraph.ops.nf4 import bitsandbytes_inference_kernel
+from qgraph.ops.fused_inference import fused_inference
 from qgraph.side_network import side_network
 from tests.conftest import random_ids, train_steps
 from tests.test_generate import nf4_decoded
@@ -140,8 +140,8 @@ def test_nf4_greedy_equals_transformers_cached_generate_on_the_decoded_weights()
     with torch.no_grad():
         theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                               use_cache=True, pad_token_id=0)
-    # bitsandbytes_kernel=False: every weight decoded to float32, as the reference's are
-    assert torch.equal(qm.generate(prompt, max_new_tokens=12, bitsandbytes_kernel=False), theirs)
+    # fused_kernels=False: every weight decoded to float32, as the reference's are
+    assert torch.equal(qm.generate(prompt, max_new_tokens=12, fused_kernels=False), theirs)
 
 
 def test_nf4_greedy_equals_transformers_with_bitsandbytes_linear4bit():
@@ -167,7 +167,7 @@ def test_nf4_greedy_equals_transformers_with_bitsandbytes_linear4bit():
         theirs = ref.eval().generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                      use_cache=True, pad_token_id=0)
         their_logits = ref(prompt, attention_mask=mask).logits[:, -1]
-        with bitsandbytes_inference_kernel():
+        with fused_inference():
             our_logits = qm.decode_session().start(prompt, mask)
     assert torch.equal(qm.generate(prompt, max_new_tokens=12), theirs)
     assert torch.equal(our_logits, their_logits)  # the same kernel on the same bytes, not merely close

@@ -6,20 +6,17 @@ block of `nested_blocksize` and a mean `offset`. The kernel hands this to bitsan
 kernels on GPU); `nf4_linear_reference` decodes the same bytes in plain PyTorch for the tests.
 The weight is frozen: the op differentiates with respect to x (and bias) only.
 
-Inside `bitsandbytes_inference_kernel()` (what `qm.generate` runs under), a call that needs no gradient runs
-on the CPU as bitsandbytes' own Linear4bit does in eval mode: its fused 4-bit kernel over a CPU layout of the
-weight (activations and absmaxes in bf16), so generation costs what transformers + bitsandbytes' `generate`
-costs and gives its tokens. Everywhere else the op decodes the weight to float32, bit for bit as
-`dequantize_4bit`, which is what training and evaluation see.
+Inside `qgraph.ops.fused_inference.fused_inference()` (what `qm.generate` runs under), a call that wants no
+gradient runs on the CPU as bitsandbytes' own Linear4bit does in eval mode: its fused 4-bit kernel over a CPU
+layout of the weight (activations and absmaxes in bf16), so generation costs what transformers +
+bitsandbytes' `generate` costs and gives its logits. Everywhere else the op decodes the weight to float32, bit
+for bit as `dequantize_4bit`, which is what training and evaluation see.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 # bitsandbytes warns on import that an optional faster CPU kernel package is absent; the kernels it
@@ -30,7 +27,8 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
+
+from qgraph.ops.fused_inference import LayoutCache, fused_inference_wanted
 
 
 @dataclass(frozen=True)
@@ -113,19 +111,6 @@ def dequantize_nf4(
 
 # --- bitsandbytes' CPU inference kernel ---------------------------------------------------------------------
 
-_INFERENCE_KERNEL = contextvars.ContextVar("qgraph_nf4_inference_kernel", default=False)
-
-
-@contextlib.contextmanager
-def bitsandbytes_inference_kernel(enabled: bool = True) -> Iterator[None]:
-    """Within: calls that need no gradient run through bitsandbytes' CPU inference kernel where it applies
-    (`uses_inference_kernel`), as bitsandbytes' Linear4bit does in eval mode. enabled=False: the float32 decode."""
-    token = _INFERENCE_KERNEL.set(enabled)
-    try:
-        yield
-    finally:
-        _INFERENCE_KERNEL.reset(token)
-
 
 @functools.cache
 def cpu_inference_kernel_available() -> bool:
@@ -135,40 +120,30 @@ def cpu_inference_kernel_available() -> bool:
 
 def uses_inference_kernel(x: Tensor, bias: Tensor | None, out_features: int, in_features: int,
                           blocksize: int) -> bool:
-    """Whether this call runs on bitsandbytes' CPU kernel: inside `bitsandbytes_inference_kernel()`, no
-    gradient wanted, on a CPU that has the kernel, and a weight its layout takes (rows in tiles of 32, no
-    block across rows). Other layers decode to float32 as in training, which is exact, only slower."""
-    # requires_grad, not grad mode: the op's own forward always runs with grad mode off
-    wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
-    return (_INFERENCE_KERNEL.get() and not wants_grad and x.device.type == "cpu"
-            and out_features % 32 == 0 and in_features % blocksize == 0 and cpu_inference_kernel_available())
+    """Whether this call runs on bitsandbytes' CPU kernel: `fused_inference_wanted`, a CPU that has the kernel,
+    and a weight its layout takes (rows in tiles of 32, no block across rows). Other weights decode to float32
+    as in training, which is exact, only slower."""
+    return (fused_inference_wanted(x, bias) and out_features % 32 == 0 and in_features % blocksize == 0
+            and cpu_inference_kernel_available())
 
 
 @dataclass(frozen=True)
 class _CPULayout:
-    versions: tuple[int, ...]  # of the stored tensors it was made from: a changed weight remakes it
     packed: Tensor  # uint8 (out, in/2), tiled as the kernel reads it
     absmax: Tensor  # bf16 (in/blocksize, out)
     code: Tensor
 
 
-# Made once per weight and kept beside it (as many bytes again as the packed codes, plus the absmaxes in bf16):
-# making one costs ~4 ms, which would cost more than the generation it serves. bitsandbytes converts its
-# weight in place instead; here the training graph keeps reading the standard layout.
-_CPU_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# As many bytes again as the packed codes, plus the absmaxes in bf16; making one costs ~4 ms a weight.
+# bitsandbytes converts its weight in place instead; here the training graph keeps reading the standard layout.
+_CPU_LAYOUTS: LayoutCache[_CPULayout] = LayoutCache()
 
 
 def _cpu_layout(stored: tuple[Tensor | None, ...], out_features: int, in_features: int, blocksize: int,
                 nested_blocksize: int) -> _CPULayout:
-    packed = stored[0]
-    versions = tuple(t._version for t in stored if t is not None)
-    layout = _CPU_LAYOUTS.get(packed)
-    if layout is None or layout.versions != versions:
-        state = _bnb_state(*stored[1:], (out_features, in_features), blocksize, nested_blocksize)
-        tiled, state = bnbf._convert_weight_packed_for_cpu(packed, state)
-        layout = _CPULayout(versions, tiled, state.absmax, state.code)
-        _CPU_LAYOUTS[packed] = layout
-    return layout
+    state = _bnb_state(*stored[1:], (out_features, in_features), blocksize, nested_blocksize)
+    tiled, state = bnbf._convert_weight_packed_for_cpu(stored[0], state)
+    return _CPULayout(tiled, state.absmax, state.code)
 
 
 def _inference_kernel_linear(x: Tensor, layout: _CPULayout, bias: Tensor | None, out_features: int,
@@ -186,7 +161,8 @@ def nf4_linear_kernel(
     """The op's forward as a plain function (what `qgraph.inference_graph` calls without the dispatcher)."""
     stored = (packed, absmax, code, nested_absmax, nested_code, offset)
     if uses_inference_kernel(x, bias, out_features, in_features, blocksize):
-        layout = _cpu_layout(stored, out_features, in_features, blocksize, nested_blocksize)
+        layout = _CPU_LAYOUTS.get(stored, lambda: _cpu_layout(stored, out_features, in_features, blocksize,
+                                                              nested_blocksize))
         return _inference_kernel_linear(x, layout, bias, out_features, in_features, blocksize)
     weight = dequantize_nf4(*stored, out_features, in_features, blocksize, nested_blocksize)
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from qgraph.ops.int4 import fold_lrqat_weight, int4_linear
+from qgraph.ops.fused_inference import fused_inference
+from qgraph.ops.int4 import fold_lrqat_weight, int4_linear, packed_mm_group
 from qgraph.ops.lrqat import lrqat_linear, phi0_from_weight
 from qgraph.quant.downcast import PHI_FORMATS, pack_codes, unpack_codes
 from qgraph.quant.uniform import dequantize, init_scale, quantize_to_codes
@@ -114,3 +115,69 @@ def test_opcheck():
     x = torch.randn(3, IN, requires_grad=True)
     bias = torch.randn(OUT, requires_grad=True)
     torch.library.opcheck(int4_linear, (x, codes, scale, bias, bits, group_size, IN))
+
+
+# --- torch's int4 packed matmul inside fused_inference() (generation) ---------------------------------------
+
+
+def packed_case(group_size: int, out_features: int = 96, in_features: int = 128, seed: int = 0):
+    """(codes, scale) of a 4-bit layer: random codes in [-8, 7] and positive scales."""
+    generator = torch.Generator().manual_seed(seed)
+    w_int = torch.randint(-8, 8, (out_features, in_features), generator=generator, dtype=torch.int8)
+    groups = 1 if group_size <= 0 else in_features // group_size
+    scale = torch.rand(out_features, groups, generator=generator) * 0.01 + 1e-3
+    return pack_codes(w_int, 4), scale
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 64])
+@pytest.mark.parametrize("x_lead", [(1, 1), (2, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_kernel_is_within_bf16_rounding_of_the_exact_op(group_size, x_lead, with_bias):
+    codes, scale = packed_case(group_size)
+    x, bias = torch.randn(*x_lead, 128), (torch.randn(96) if with_bias else None)
+    exact = int4_linear(x, codes, scale, bias, 4, group_size, 128)
+    with torch.no_grad(), fused_inference():
+        assert packed_mm_group(codes, scale, 4, 128) is not None
+        fast = int4_linear(x, codes, scale, bias, 4, group_size, 128)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # it is the packed kernel, not the float32 unpack
+    # activations, scales and outputs in bf16 (8 bits): a few 2^-8 of the outputs' scale
+    torch.testing.assert_close(fast, exact, rtol=0, atol=4 * 2**-8 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "group_size", "bits"),
+                         [(40, 128, -1, 4), (96, 128, 16, 4), (96, 48, -1, 4), (96, 128, -1, 8)])
+def test_weights_the_packed_kernel_cannot_take_run_the_exact_op(out_features, in_features, group_size, bits):
+    # rows not in tiles of 16, a group it does not take, no 32-column groups, 8-bit codes
+    generator = torch.Generator().manual_seed(1)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    w_int = torch.randint(low, high, (out_features, in_features), generator=generator, dtype=torch.int8)
+    codes = pack_codes(w_int, bits)
+    groups = 1 if group_size <= 0 else in_features // group_size
+    scale = torch.rand(out_features, groups, generator=generator) + 0.1
+    x = torch.randn(3, in_features)
+    exact = int4_linear(x, codes, scale, None, bits, group_size, in_features)
+    with torch.no_grad(), fused_inference():
+        assert packed_mm_group(codes, scale, bits, in_features) is None
+        assert torch.equal(int4_linear(x, codes, scale, None, bits, group_size, in_features), exact)
+
+
+def test_the_packed_kernel_runs_only_without_gradient_and_follows_an_edited_weight():
+    codes, scale = packed_case(-1, seed=1)
+    other_codes, other_scale = packed_case(-1, seed=2)
+    x = torch.randn(2, 128, requires_grad=True)
+    exact = int4_linear(x.detach(), codes, scale, None, 4, -1, 128)
+    with fused_inference():  # a gradient wanted: the exact op
+        assert torch.equal(int4_linear(x, codes, scale, None, 4, -1, 128), exact)
+    with torch.no_grad(), fused_inference():
+        int4_linear(x.detach(), codes, scale, None, 4, -1, 128)  # makes and keeps codes' layout
+        codes.copy_(other_codes)
+        scale.copy_(other_scale)
+        assert torch.equal(int4_linear(x.detach(), codes, scale, None, 4, -1, 128),
+                           int4_linear(x.detach(), other_codes, other_scale, None, 4, -1, 128))
+
+
+def test_opcheck_inside_fused_inference():
+    codes, scale = packed_case(32)
+    with fused_inference():
+        torch.library.opcheck(int4_linear, (torch.randn(3, 128), codes, scale, torch.randn(96), 4, 32, 128))

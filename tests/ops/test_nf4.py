@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qgraph.ops.fused_inference import fused_inference
 from qgraph.ops.nf4 import (
     NF4Weight,
-    bitsandbytes_inference_kernel,
     cpu_inference_kernel_available,
     decode_nf4,
     dequantize_nf4,
@@ -242,7 +242,7 @@ def test_inference_kernel_equals_bitsandbytes_linear4bit_in_eval(x_lead, with_bi
     q, x = quantize_nf4(w), torch.randn(*x_lead, 128)
     with torch.no_grad():
         theirs = bitsandbytes_linear(w, bias)(x)
-        with bitsandbytes_inference_kernel():
+        with fused_inference():
             ours = OP(*op_args(x, q, bias))
     assert ours.dtype == torch.float32
     assert torch.equal(ours, theirs)
@@ -252,7 +252,7 @@ def test_inference_kernel_equals_bitsandbytes_linear4bit_in_eval(x_lead, with_bi
 def test_inference_kernel_is_within_bf16_rounding_of_the_float32_decode():
     q, x = quantize_nf4(weight(96, 128)), torch.randn(4, 128)
     exact = nf4_linear_reference(x, q)
-    with torch.no_grad(), bitsandbytes_inference_kernel():
+    with torch.no_grad(), fused_inference():
         assert uses_inference_kernel(x, None, 96, 128, 64)
         fast = OP(*op_args(x, q))
     assert not torch.equal(fast, exact)  # it is the kernel, not the float32 decode
@@ -264,13 +264,13 @@ def test_the_kernel_runs_only_without_gradient_and_inside_the_context():
     q = quantize_nf4(weight(96, 128))
     x = torch.randn(4, 128, requires_grad=True)
     exact = OP(*op_args(x, q))
-    with bitsandbytes_inference_kernel():
+    with fused_inference():
         assert not uses_inference_kernel(x, None, 96, 128, 64)  # gradient enabled: training's float32 decode
         assert torch.equal(OP(*op_args(x, q)), exact)
     with torch.no_grad():
         x = x.detach()
         assert not uses_inference_kernel(x, None, 96, 128, 64)  # outside the context
-        with bitsandbytes_inference_kernel(enabled=False):
+        with fused_inference(enabled=False):
             assert not uses_inference_kernel(x, None, 96, 128, 64)
             assert torch.equal(OP(*op_args(x, q)), exact)
 
@@ -279,7 +279,7 @@ def test_the_kernel_runs_only_without_gradient_and_inside_the_context():
 def test_weights_the_kernel_layout_does_not_take_decode_in_float32(shape, blocksize):
     # rows not in tiles of 32, or a block across two rows: the exact decode, as in training
     q, x = quantize_nf4(weight(*shape), blocksize), torch.randn(3, shape[1])
-    with torch.no_grad(), bitsandbytes_inference_kernel():
+    with torch.no_grad(), fused_inference():
         assert not uses_inference_kernel(x, None, *shape, blocksize)
         assert torch.equal(OP(*op_args(x, q)), nf4_linear_reference(x, q))
 
@@ -287,7 +287,7 @@ def test_weights_the_kernel_layout_does_not_take_decode_in_float32(shape, blocks
 def test_the_kernel_layout_follows_a_weight_changed_in_place():
     first, second = quantize_nf4(weight(96, 128, seed=1)), quantize_nf4(weight(96, 128, seed=2))
     x = torch.randn(2, 128)
-    with torch.no_grad(), bitsandbytes_inference_kernel():
+    with torch.no_grad(), fused_inference():
         OP(*op_args(x, first))  # makes and keeps the layout of first's tensors
         for name in ("packed", "absmax", "nested_absmax", "offset"):
             getattr(first, name).copy_(getattr(second, name))  # as load_state_dict does
@@ -296,5 +296,5 @@ def test_the_kernel_layout_follows_a_weight_changed_in_place():
 
 def test_opcheck_inside_the_inference_context():
     q = quantize_nf4(weight(96, 128))
-    with bitsandbytes_inference_kernel():
+    with fused_inference():
         torch.library.opcheck(OP, op_args(torch.randn(3, 128), q, torch.randn(96)))
