@@ -16,8 +16,10 @@ and in mixed precision, "amp-bf16": the float32 model's steps under `torch.autoc
 (bf16 matmuls, float32 residual stream and master weights), as the HF Trainer's `bf16=True` runs them.
 Generation: the same prompt (prompt tokens of the held-out text) and greedy new tokens from qgraph's nf4
 module (KV-cached decode graph) and transformers + bitsandbytes NF4 `generate`; from qgraph's finalized
-lrqat-w4 (int4) and transformers' float32 `generate`; qgraph's nf4 without its KV cache for scale. Each pair
-must produce the same tokens; the table says whether it did.
+lrqat-w4 (int4) and transformers' float32 `generate`; qgraph's nf4 without its KV cache for scale. qgraph's
+generations run the fused bf16 kernels `generate` uses (qgraph.ops.fused_inference); the int4 one is checked
+against the same module's float32 generation (`fused_kernels=False`), nf4 against transformers +
+bitsandbytes, which runs the same kernel. The table says whether each pair gave the same tokens.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ TARGETS = (
     Target("nf4 greedy generation vs transformers + bitsandbytes", "qgraph-nf4", "transformers-bnb-nf4", 1.0),
     Target("finalized int4 generation vs transformers fp32 generate", "qgraph-int4", "transformers-fp32", 1.0),
 )
-SAME_TOKENS = {"qgraph-nf4": "transformers-bnb-nf4", "qgraph-int4": "qgraph-int4-uncached-reference",
+# qgraph-int4 runs generate's fused bf16 kernel; its reference, the float32 unpack that training's forward uses
+SAME_TOKENS = {"qgraph-nf4": "transformers-bnb-nf4", "qgraph-int4": "qgraph-int4-float32-reference",
                "qgraph-nf4-nocache": "qgraph-nf4"}
 
 
@@ -139,14 +142,15 @@ def build_generators(load: Callable[[], torch.nn.Module], prompt: torch.Tensor,
         return lambda: model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                       do_sample=False, use_cache=True, pad_token_id=0)
 
-    def qgraph_generate(qm: torch.nn.Module, use_cache: bool = True) -> Callable[[], torch.Tensor]:
-        return lambda: qm.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, use_cache=use_cache)
+    def qgraph_generate(qm: torch.nn.Module, use_cache: bool = True, fused: bool = True) -> Callable[[], torch.Tensor]:
+        return lambda: qm.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, use_cache=use_cache,
+                                   fused_kernels=fused)
 
     return {
         "qgraph-nf4": qgraph_generate(nf4),
         "transformers-bnb-nf4": hf(bnb_model),
         "qgraph-int4": qgraph_generate(int4),
-        "qgraph-int4-uncached-reference": qgraph_generate(int4, use_cache=False),
+        "qgraph-int4-float32-reference": qgraph_generate(int4, fused=False),
         "transformers-fp32": hf(fp32_model),
         "qgraph-nf4-nocache": qgraph_generate(nf4, use_cache=False),
     }
