@@ -35,7 +35,7 @@ def generate(
 
     Greedy unless `do_sample` (softmax of logits / temperature, optionally over the top_k only).
     A row that produced `eos_token_id` gets `pad_token_id` (default: the eos id) after it; decoding
-    stops early once every row has. The model runs in eval mode and no_grad, and comes back in its mode.
+    stops early once every row has. The model runs in eval mode and inference mode, and comes back in its mode.
     use_cache=False recomputes the whole sequence per token even where the model offers a KV cache.
     fused_kernels: NF4 and int4 layers run on fused CPU kernels that compute in bf16 where they apply
     (qgraph.ops.fused_inference: bitsandbytes' for NF4, as transformers + bitsandbytes' `generate` runs it;

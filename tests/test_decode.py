@@ -17,6 +17,7 @@ from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.ops.fused_inference import fused_inference
 from qgraph.side_network import side_network
 from tests.conftest import random_ids, train_steps
+from tests.ops.test_nf4 import bitsandbytes_linear
 from tests.test_generate import nf4_decoded
 
 FAMILIES = ["llama", "gpt2", "qwen2", "mistral", "gemma", "phi3", "qwen3"]
@@ -147,19 +148,13 @@ def test_nf4_greedy_equals_transformers_cached_generate_on_the_decoded_weights()
 def test_nf4_greedy_equals_transformers_with_bitsandbytes_linear4bit():
     # the peer the speed table compares with: transformers' generate over bitsandbytes' own NF4 layers,
     # which run its fused CPU kernel in eval mode (where the CPU has AVX512-BF16), as qm.generate does
-    import bitsandbytes as bnb
-
     model = tiny_causal_lm("llama", layers=2)
     qm = qgraph.transform(model, "nf4")
     ref = copy.deepcopy(model)
     for name, linear in list(ref.named_modules()):
         if isinstance(linear, nn.Linear) and ".layers." in name:
-            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-            layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", blocksize=64)
             owner, _, attr = name.rpartition(".")
-            setattr(ref.get_submodule(owner), attr, layer.to("cpu"))
+            setattr(ref.get_submodule(owner), attr, bitsandbytes_linear(linear.weight.detach(), linear.bias))
     ref.generation_config.eos_token_id = None
     prompt = random_ids((1, 8), seed=5)
     mask = torch.ones_like(prompt)
