@@ -52,11 +52,12 @@ class Result:
 
 def plan_of(config: str) -> tuple[str, dict]:
     """(plan, transform keywords) of a configuration."""
-    base = config.removesuffix("-compiled").removesuffix("-nockpt")
+    eager = config.removesuffix("-compiled")  # the suffixes come in this order: qst-nf4-nockpt-compiled
+    base = eager.removesuffix("-nockpt")
     kwargs: dict = {"compile": config.endswith("-compiled")}
     if base == "nf4-infer":
         return "nf4", kwargs
-    if config.endswith("-nockpt"):
+    if eager.endswith("-nockpt"):
         kwargs["checkpoint"] = "none"
     elif base == QST_PLAN:
         kwargs["checkpoint"] = QST_SIDE_BLOCKS
