@@ -17,7 +17,7 @@ from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.ops.fused_inference import fused_inference
 from qgraph.side_network import side_network
 from tests.conftest import random_ids, train_steps
-from tests.ops.test_nf4 import bitsandbytes_linear
+from tests.passes.test_quantize_nf4 import with_bnb_linear4bit
 from tests.test_generate import nf4_decoded
 
 FAMILIES = ["llama", "gpt2", "qwen2", "mistral", "gemma", "phi3", "qwen3"]
@@ -150,11 +150,7 @@ def test_nf4_greedy_equals_transformers_with_bitsandbytes_linear4bit():
     # which run its fused CPU kernel in eval mode (where the CPU has AVX512-BF16), as qm.generate does
     model = tiny_causal_lm("llama", layers=2)
     qm = qgraph.transform(model, "nf4")
-    ref = copy.deepcopy(model)
-    for name, linear in list(ref.named_modules()):
-        if isinstance(linear, nn.Linear) and ".layers." in name:
-            owner, _, attr = name.rpartition(".")
-            setattr(ref.get_submodule(owner), attr, bitsandbytes_linear(linear.weight.detach(), linear.bias))
+    ref = with_bnb_linear4bit(model, "model.layers.")
     ref.generation_config.eos_token_id = None
     prompt = random_ids((1, 8), seed=5)
     mask = torch.ones_like(prompt)

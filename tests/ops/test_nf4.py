@@ -223,7 +223,8 @@ def test_opcheck(double_quant, with_bias):
 
 
 def bitsandbytes_linear(w: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-    """bitsandbytes' own NF4 layer of the same weight, in eval mode: the peer generation is compared with."""
+    """bitsandbytes' own NF4 layer of the same weight (double quantization, blocks of 64), in training mode
+    as a new module is: bitsandbytes runs its fused CPU kernel only in eval mode."""
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias is not None, compute_dtype=torch.float32,
@@ -231,7 +232,7 @@ def bitsandbytes_linear(w: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.
     layer.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64)
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias, requires_grad=False)
-    return layer.to("cpu").eval()  # .to() quantizes
+    return layer.to("cpu")  # .to() quantizes
 
 
 @pytest.mark.parametrize("x_lead", [(1, 1), (1, 7), (3, 5)])
@@ -241,7 +242,7 @@ def test_inference_kernel_equals_bitsandbytes_linear4bit_in_eval(x_lead, with_bi
     w, bias = weight(96, 128), (torch.randn(96) if with_bias else None)
     q, x = quantize_nf4(w), torch.randn(*x_lead, 128)
     with torch.no_grad():
-        theirs = bitsandbytes_linear(w, bias)(x)
+        theirs = bitsandbytes_linear(w, bias).eval()(x)  # eval: the peer generation is compared with
         with fused_inference():
             ours = OP(*op_args(x, q, bias))
     assert ours.dtype == torch.float32

@@ -12,6 +12,7 @@ from qgraph.graph import count_ops, linear_sites
 from qgraph.ops.nf4 import decode_nf4, quantize_nf4
 from qgraph.report import REWRITTEN, SKIPPED
 from qgraph.models import tiny_causal_lm
+from tests.ops.test_nf4 import bitsandbytes_linear
 
 NF4 = torch.ops.qgraph.nf4_linear
 aten = torch.ops.aten
@@ -33,14 +34,9 @@ def with_bnb_linear4bit(model: nn.Module, prefix: str) -> nn.Module:
     for name, module in list(model.named_modules()):
         if not (isinstance(module, nn.Linear) and name.startswith(prefix)):
             continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compress_statistics=True, quant_type="nf4", compute_dtype=torch.float32)
-        layer.weight = bnb.nn.Params4bit(module.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, blocksize=64)
-        if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        bias = None if module.bias is None else module.bias.detach().clone()
         owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, layer.to("cpu"))  # .to() quantizes
+        setattr(model.get_submodule(owner), attr, bitsandbytes_linear(module.weight.detach().clone(), bias))
     return model
 
 
