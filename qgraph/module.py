@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from qgraph.capture import MAX_BATCH, CaptureInfo
-from qgraph.compile import compile_module
+from qgraph.compile import compile_graph_module
 from qgraph.decode import DecodeGraph, DecodeRecipe, DecodeSession, tie_weights
 from qgraph.errors import QGraphError
 from qgraph.generate import generate
@@ -35,8 +35,12 @@ class QGraphModule(nn.Module):
         self.info = info
         # Not a submodule: graph_module already owns the parameters, and a second registration would put
         # each of them in state_dict twice (under names torch.compile's wrapper changes).
-        # dynamic=True: one compiled graph serves every batch size and sequence length in the captured range.
-        self.__dict__["_run"] = compile_module(graph_module, dynamic=True) if compile else graph_module
+        # dynamic shapes: one compiled graph serves every batch size and sequence length in the captured range
+        self.__dict__["_run"] = graph_module
+        if compile:
+            compiled = compile_graph_module(graph_module)
+            self.__dict__["_run"] = compiled.run
+            report.compiled = compiled.description
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(*args, **kwargs)

@@ -71,6 +71,7 @@ class TransformReport:
     frozen_params: int = 0
     decoding: str = ""  # how generate decodes: with the KV-cached graph (qgraph.decode) or without, and why
     dtype: str = ""  # what transform(dtype=) cast, when it cast anything (qgraph.cast)
+    compiled: str = ""  # how compile=True compiled the graph (qgraph.compile)
 
     def __getitem__(self, name: str) -> PassReport:
         for report in self.passes:
@@ -87,6 +88,8 @@ class TransformReport:
         parts.append(_summary_table(self.passes))
         if self.dtype:
             parts.append(Text(f"  {self.dtype}", style="dim"))
+        if self.compiled:
+            parts.append(Text(f"  {self.compiled}", style="dim"))
         if self.decoding:
             parts.append(Text(f"  {self.decoding}", style="dim" if self.decoding.startswith("KV") else "yellow"))
         for report in self.passes:

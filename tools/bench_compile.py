@@ -147,8 +147,16 @@ def run_config(config: str, device: str, steps: int, batch_size: int, block_len:
     return result
 
 
+@dataclass
+class Interleaved:
+    """Step times of configurations stepped in turn: each one's first step (which compiles) and the timed ones."""
+
+    first: dict[str, float]
+    seconds: dict[str, list[float]]
+
+
 def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_size: int, block_len: int,
-                           console: Console) -> dict[str, list[float]]:
+                           console: Console) -> Interleaved:
     """Step times of several configurations built in one process and stepped in turn on the same batches.
 
     On a shared VM a process's speed drifts by tens of percent from one process to the next, more
@@ -162,7 +170,7 @@ def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_s
         module, optimizer = build(config, model, stream[0])
         module.train(optimizer is not None)
         built[config] = (module, optimizer, train_step if optimizer is not None else infer_step)
-    times: dict[str, list[float]] = {config: [] for config in configs}
+    timed = Interleaved(first={}, seconds={config: [] for config in configs})
     with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[config]}"), console=console) as progress:
         task = progress.add_task("steps in turn (the first compiles)", total=len(stream) * len(configs), config="")
         for index, input_ids in enumerate(stream):
@@ -170,20 +178,25 @@ def interleaved_step_times(configs: list[str], device: str, rounds: int, batch_s
                 progress.update(task, config=config)
                 module, optimizer, step = built[config]
                 _, seconds = timed_step(step, module, optimizer, input_ids)
+                if index == 0:
+                    timed.first[config] = seconds
                 if index >= WARMUP_STEPS:
-                    times[config].append(seconds)
+                    timed.seconds[config].append(seconds)
                 progress.advance(task)
-    return times
+    return timed
 
 
-def interleaved_table(times: dict[str, list[float]], device: str) -> str:
-    """Median step of each configuration and its ratio to the first one's, step by step."""
+def interleaved_table(timed: Interleaved, device: str) -> str:
+    """Median step of each configuration and its ratio to the first one's, step by step, and its first step."""
+    times = timed.seconds
     first, *_ = times
-    lines = [f"| configuration | device | steps | median step (s) | step time / {first}'s (median of per-step ratios) |",
-             "|---|---|---:|---:|---:|"]
+    lines = [f"| configuration | device | steps | median step (s) | step time / {first}'s (median of per-step ratios) "
+             "| first step (s), compile included |",
+             "|---|---|---:|---:|---:|---:|"]
     for config, seconds in times.items():
         ratio = statistics.median(t / t0 for t, t0 in zip(seconds, times[first], strict=True))
-        lines.append(f"| {config} | {device} | {len(seconds)} | {statistics.median(seconds):.2f} | {ratio:.2f}x |")
+        lines.append(f"| {config} | {device} | {len(seconds)} | {statistics.median(seconds):.2f} | {ratio:.2f}x "
+                     f"| {timed.first[config]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -285,11 +298,11 @@ def main() -> None:
             if why_not := available(config):
                 parser.error(f"{config}: {why_not}")
         console = Console()
-        times = interleaved_step_times(args.interleave, args.device, args.steps, args.batch_size, args.block_len,
+        timed = interleaved_step_times(args.interleave, args.device, args.steps, args.batch_size, args.block_len,
                                        console)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "interleaved.json").write_text(json.dumps({"device": args.device, "seconds": times}, indent=2))
-        table = interleaved_table(times, args.device)
+        (args.out / "interleaved.json").write_text(json.dumps({"device": args.device, **asdict(timed)}, indent=2))
+        table = interleaved_table(timed, args.device)
         (args.out / "interleaved.md").write_text(table)
         console.print(table, soft_wrap=True)
         return

@@ -1,0 +1,55 @@
+"""Which checkpoint regions one compiled function can serve (qgraph.compile.region_key); no compiling here."""
+
+import torch
+from torch import fx
+
+import qgraph
+from qgraph.compile import graph_structure, region_calls, region_key
+from qgraph.models import tiny_causal_lm
+
+
+def keys(qm):
+    gm = qm.graph_module
+    return [region_key(gm, call) for call in region_calls(gm)]
+
+
+def test_every_block_region_of_a_model_has_one_key():
+    found = keys(qgraph.transform(tiny_causal_lm("llama", layers=3), "lrqat-w4", rank=4))
+    assert len(found) == 3 and found[0] is not None and len(set(found)) == 1
+
+
+def test_regions_of_two_and_one_blocks_differ():
+    found = keys(qgraph.transform(tiny_causal_lm("llama", layers=3), "lrqat-w4", rank=4, checkpoint={"every": 2}))
+    assert len(found) == 2 and len(set(found)) == 2
+
+
+def test_a_checkpointed_module_with_its_own_weights_has_no_key():
+    side_network = {"target": "modules", "include": ("qst_side",)}  # a call_module node, through checkpoint
+    found = keys(qgraph.transform(tiny_causal_lm("llama", layers=2), "qst-nf4", checkpoint=side_network))
+    assert found == [None]
+
+
+def traced(fn):
+    return fx.symbolic_trace(fn).graph
+
+
+def test_the_structure_ignores_node_names_but_not_ops_or_wiring():
+    def f(x, y):
+        a = torch.add(x, y)
+        return torch.mul(a, x)
+
+    def g(p, q):
+        renamed = torch.add(p, q)
+        return torch.mul(renamed, p)
+
+    def other_op(x, y):
+        a = torch.sub(x, y)
+        return torch.mul(a, x)
+
+    def other_wiring(x, y):
+        a = torch.add(x, y)
+        return torch.mul(a, y)
+
+    assert graph_structure(traced(f)) == graph_structure(traced(g))
+    assert graph_structure(traced(f)) != graph_structure(traced(other_op))
+    assert graph_structure(traced(f)) != graph_structure(traced(other_wiring))
