@@ -48,7 +48,9 @@ def transform(
     checkpoint: None keeps the plan's activation checkpoints (the training plans recompute every
     decoder block in backward); "none" removes them; "blocks" makes each block a region;
     {"every": k, ...} one region per k blocks (any insert_checkpoints option). compile=True runs the
-    graph through torch.compile (dynamic shapes: batch and sequence length vary without recompiling).
+    graph through torch.compile (dynamic shapes: batch and sequence length vary without recompiling), its
+    checkpoint regions compiled once per structure and shared by every block where they can be
+    (qgraph.compile.compile_graph_module; `report.compiled` says how it was compiled).
 
     kv_cache: a Hugging Face causal LM also gets a KV-cached decode graph, rewritten by the same passes and
     sharing every tensor with the training graph, which `generate` runs one token per step (qgraph.decode).
