@@ -58,17 +58,28 @@ def compile_graph_module(gm: fx.GraphModule) -> CompiledGraph:
     calls = region_calls(gm)
     keys = [region_key(gm, call) for call in calls]
     distinct = dict.fromkeys(keys)
-    if calls and None not in distinct and len(distinct) <= MAX_DISTINCT_REGIONS:
+    why = whole_graph_reason(gm, calls, distinct)
+    if not why:
+        structures = f"{len(distinct)} structure{'s' if len(distinct) > 1 else ''}"
         return CompiledGraph(compile_regions(gm, calls, keys),
-                             f"torch.compile: {len(calls)} checkpoint regions of {len(distinct)} structure(s), "
-                             "each structure compiled once; the graph between them runs eagerly")
-    if not calls:
-        why = "no checkpoint region in the graph itself"
-    elif None in distinct:
-        why = "a checkpoint region holds its own tensors (a checkpointed module)"
-    else:
-        why = f"{len(distinct)} distinct checkpoint regions (compiled apart above {MAX_DISTINCT_REGIONS})"
+                             f"torch.compile: {len(calls)} checkpoint regions of {structures}, each structure "
+                             "compiled once; the graph between them runs eagerly")
     return CompiledGraph(compile_module(gm, dynamic=True), f"torch.compile: the whole graph ({why})")
+
+
+def whole_graph_reason(gm: fx.GraphModule, calls: list[fx.Node], distinct: dict[tuple | None, None]) -> str:
+    """Why `gm` cannot be compiled region by region, or "" when it can."""
+    if not calls:
+        return "no checkpoint region in the graph itself"
+    if None in distinct:
+        return "a checkpoint region holds its own tensors (a checkpointed module)"
+    if len(distinct) > MAX_DISTINCT_REGIONS:
+        return f"{len(distinct)} distinct checkpoint regions (compiled apart above {MAX_DISTINCT_REGIONS})"
+    if any(isinstance(value, torch.Tensor) for value in vars(gm).values()) or gm._parameters or gm._buffers:
+        # compile_regions shares gm's submodules; a tensor held by gm itself would be a snapshot that a later
+        # qm.to(...) does not move
+        return "the graph module holds tensors of its own, outside its submodules"
+    return ""
 
 
 def region_calls(gm: fx.GraphModule) -> list[fx.Node]:
@@ -119,8 +130,8 @@ class CheckpointedRegion(nn.Module):
 
 
 def compile_regions(gm: fx.GraphModule, calls: list[fx.Node], keys: list[tuple]) -> fx.GraphModule:
-    """A GraphModule sharing gm's parameters, buffers and submodules, whose checkpoint calls go through one
-    compiled CheckpointedRegion per region structure."""
+    """A GraphModule sharing gm's submodules (and so every tensor of gm, which whole_graph_reason checked),
+    whose checkpoint calls go through one compiled CheckpointedRegion per region structure."""
     graph = fx.Graph()
     copied: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, copied))
@@ -128,10 +139,6 @@ def compile_regions(gm: fx.GraphModule, calls: list[fx.Node], keys: list[tuple])
     owner = nn.Module()
     for name, child in gm.named_children():
         owner.add_module(name, child)
-    for name, param in gm.named_parameters(recurse=False):
-        owner.register_parameter(name, param)
-    for name, buffer in gm.named_buffers(recurse=False):
-        owner.register_buffer(name, buffer)
     compiled: dict[tuple, str] = {}
     for call, key in zip(calls, keys, strict=True):
         if key not in compiled:
@@ -146,6 +153,10 @@ def compile_regions(gm: fx.GraphModule, calls: list[fx.Node], keys: list[tuple])
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
     run = fx.GraphModule(owner, graph, class_name=type(gm).__name__)
+    # fx copied each path the graph reads into modules of its own; gm's own submodules replace them, so that
+    # what later changes gm's tensors (qm.to(...), a load, a buffer swap) changes what run reads
+    for name, child in gm.named_children():
+        run.add_module(name, child)
     run.graph.eliminate_dead_code()  # the regions' get_attr nodes
     run.recompile()
     return run

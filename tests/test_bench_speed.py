@@ -76,3 +76,27 @@ def test_qst_split_parts_run_and_the_table_takes_the_backbone_as_the_rest(dtype)
         report.seconds[f"qst-split/{name}/{part}"] = [1.0 if part == "step" else 0.1]
     table = markdown_table(report)
     assert "| backbone forward | 0.700 | 70% |" in table and "| side network | 0.100 | 10% |" in table
+
+
+def test_compiled_variants_are_qgraphs_model_dtypes_and_the_table_checks_the_first_step():
+    variants = bench_speed.training_variants(["lrqat-w4", "qlora"], ["fp32", "bf16", "amp-bf16"], compiled=True)
+    assert variants[-2:] == [("lrqat-w4", "fp32-compiled"), ("lrqat-w4", "bf16-compiled")]  # no peer, no autocast
+    assert bench_speed.training_variants(["lrqat-w4"], ["fp32"], compiled=False) == [("lrqat-w4", "fp32")]
+    with pytest.raises(ValueError, match="peer, not compiled"):
+        build_training("qlora", make_llama(), compile=True)
+    report = Report({"new_tokens": 10}, seconds={
+        "lrqat-w4/fp32": [2.0], "lrqat-w4/fp32-compiled": [1.5], "lrqat-w4/bf16-compiled": [1.0]},
+        first={"lrqat-w4/fp32": 2.1, "lrqat-w4/fp32-compiled": 41.7, "lrqat-w4/bf16-compiled": 130.0})
+    table = markdown_table(report)
+    assert "| lrqat-w4 compiled vs eager step, fp32 | lrqat-w4/fp32-compiled | lrqat-w4/fp32 | 1.500 | 2.000 | 1.33x " \
+           "| >= 1.3x | yes |" in table
+    assert "| lrqat-w4/fp32-compiled | 41.7 | <= 120 s | yes |" in table
+    assert "| lrqat-w4/bf16-compiled | 130.0 | <= 120 s | no |" in table
+    assert "| lrqat-w4/fp32 | 2.1 |" not in table  # an eager first step is no compile
+
+
+@pytest.mark.slow
+def test_a_compiled_training_configuration_steps():
+    module, optimizer = build_training("lrqat-w4", make_llama(), compile=True)
+    assert module.report.compiled.startswith("torch.compile: ")
+    assert torch.isfinite(torch.tensor(train_step(module.train(), optimizer, random_ids((2, 16)))))

@@ -48,12 +48,14 @@ def test_transformed_module_has_no_graph_break(pair):
 
 def test_blocks_share_one_compiled_region_and_the_graph_module_is_left_as_it_was(pair):
     eager, compiled = pair
-    assert compiled.report.compiled.startswith("torch.compile: 3 checkpoint regions of 1 structure")
+    assert compiled.report.compiled.startswith("torch.compile: 3 checkpoint regions of 1 structure, ")
     printed = Console(file=io.StringIO(), width=10_000, no_color=True)
     printed.print(compiled.report)
     assert compiled.report.compiled in printed.file.getvalue()
     assert len(compiled.graph_module.graph.find_nodes(op="call_function", target=CHECKPOINT)) == 3
     run = compiled._run
+    # the compiled form shares the graph module's submodules, so qm.to(...), loads and training reach it
+    assert all(getattr(run, name) is child for name, child in compiled.graph_module.named_children())
     assert len(run.graph.find_nodes(op="call_function", target=CHECKPOINT)) == 0
     calls = [n.target for n in run.graph.find_nodes(op="call_module") if n.target.startswith("compiled_region")]
     assert calls == ["compiled_region_0"] * 3
@@ -104,7 +106,7 @@ def test_regions_of_different_lengths_compile_apart_and_train_as_eager():
     model = tiny_causal_lm("llama", layers=3)
     eager = qgraph.transform(model, "lrqat-w4", rank=4, checkpoint={"every": 2})
     compiled = qgraph.transform(model, "lrqat-w4", rank=4, checkpoint={"every": 2}, compile=True)
-    assert compiled.report.compiled.startswith("torch.compile: 2 checkpoint regions of 2 structure")
+    assert compiled.report.compiled.startswith("torch.compile: 2 checkpoint regions of 2 structures, ")
     ids = tokens((2, 12))
     loss, grads = loss_and_grads(compiled, ids)
     expected_loss, expected = loss_and_grads(eager, ids)

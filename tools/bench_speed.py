@@ -20,6 +20,9 @@ lrqat-w4 (int4) and transformers' float32 `generate`; qgraph's nf4 without its K
 generations run the fused bf16 kernels `generate` uses (qgraph.ops.fused_inference); the int4 one is checked
 against the same module's float32 generation (`fused_kernels=False`), nf4 against transformers +
 bitsandbytes, which runs the same kernel. The table says whether each pair gave the same tokens.
+`--compiled` adds each qgraph training configuration with `transform(..., compile=True)` ("fp32-compiled",
+"bf16-compiled"), compiled with inductor's caches off so that its first step (the warm-up round, compile
+included) is a cold compile; the table gives that first step against the issue's limit.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchlib import SEED, mixed_precision, train_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPILED = "-compiled"  # a training precision's suffix for transform(..., compile=True)
+COMPILABLE = ("lrqat-w4", "qst-nf4")  # qgraph's configurations (the peers are not compiled)
 MIXED = {"amp-bf16": torch.bfloat16}  # training precisions: the float32 model under autocast in this dtype
 TRAIN_CONFIGS = ("lrqat-w4", "torchao-qat", "qst-nf4", "qlora")
 GEN_CONFIGS = ("qgraph-nf4", "transformers-bnb-nf4", "qgraph-int4", "transformers-fp32", "qgraph-nf4-nocache")
@@ -62,11 +67,14 @@ TARGETS = (
     Target("lrqat-w4 bf16 vs fp32 step", "lrqat-w4/bf16", "lrqat-w4/fp32", 2.5),
     Target("lrqat-w4 mixed bf16 (autocast) vs fp32 step", "lrqat-w4/amp-bf16", "lrqat-w4/fp32", 2.5),
     Target("lrqat-w4 bf16 vs torchao QAT bf16", "lrqat-w4/bf16", "torchao-qat/bf16", 2.0),
+    Target("lrqat-w4 compiled vs eager step, fp32", "lrqat-w4/fp32-compiled", "lrqat-w4/fp32", 1.3),
+    Target("lrqat-w4 bf16 vs fp32 step, both compiled", "lrqat-w4/bf16-compiled", "lrqat-w4/fp32-compiled", 2.5),
     Target("qst-nf4 vs QLoRA, bf16", "qst-nf4/bf16", "qlora/bf16", 2.0),
     Target("qst-nf4 vs QLoRA, fp32", "qst-nf4/fp32", "qlora/fp32", 1.8),
     Target("nf4 greedy generation vs transformers + bitsandbytes", "qgraph-nf4", "transformers-bnb-nf4", 1.0),
     Target("finalized int4 generation vs transformers fp32 generate", "qgraph-int4", "transformers-fp32", 1.0),
 )
+FIRST_STEP_LIMIT = 120.0  # seconds: a compiled configuration's first step, compile included (issue 15)
 # qgraph-int4 runs generate's fused bf16 kernel; its reference, the float32 unpack that training's forward uses
 SAME_TOKENS = {"qgraph-nf4": "transformers-bnb-nf4", "qgraph-int4": "qgraph-int4-float32-reference",
                "qgraph-nf4-nocache": "qgraph-nf4"}
@@ -76,6 +84,7 @@ SAME_TOKENS = {"qgraph-nf4": "transformers-bnb-nf4", "qgraph-int4": "qgraph-int4
 class Report:
     settings: dict[str, int | str]
     seconds: dict[str, list[float]] = field(default_factory=dict)  # per configuration, one per timed round
+    first: dict[str, float] = field(default_factory=dict)  # per training configuration, the warm-up step
     same_tokens: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -99,21 +108,23 @@ def dtype_option(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {} if dtype == torch.float32 else {"dtype": dtype}
 
 
-def build_training(config: str, model: torch.nn.Module,
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_training(config: str, model: torch.nn.Module, dtype: torch.dtype = torch.float32,
+                   compile: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """(module, optimizer) of a training configuration over the float32 `model` (which it may change in place),
-    training in `dtype`: qgraph's through transform(dtype=), the peers on `model.to(dtype)`."""
+    training in `dtype`: qgraph's through transform(dtype=, compile=), the peers on `model.to(dtype)`."""
     import qgraph
     from bench_lrqat import torchao_qat
     from bench_qst import lora
     from qgraph.side_network import SIDE_NETWORK_LR
 
-    cast = dtype_option(dtype)
+    if compile and config not in COMPILABLE:
+        raise ValueError(f"{config} is a peer, not compiled here; compiled configurations: {', '.join(COMPILABLE)}")
+    options = {**dtype_option(dtype), "compile": compile}  # transform's keywords
     if config == "lrqat-w4":
-        qm = qgraph.transform(model, "lrqat-w4", kv_cache=False, **cast)
+        qm = qgraph.transform(model, "lrqat-w4", kv_cache=False, **options)
         return qm, torch.optim.AdamW(qgraph.param_groups(qm, lr_ab=1e-3, lr_s=1e-5), betas=(0.9, 0.95))
     if config == "qst-nf4":
-        qm = qgraph.transform(model, "qst-nf4", kv_cache=False, **cast)
+        qm = qgraph.transform(model, "qst-nf4", kv_cache=False, **options)
         return qm, torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95),
                                      weight_decay=0.0)
     if config == "torchao-qat":
@@ -174,25 +185,38 @@ def training_rounds(report: Report, args: argparse.Namespace, progress: Progress
     blocks = token_blocks(train_text, tokenizer, args.block_len)
     stream = list(batches(blocks, args.batch_size, seed=SEED, steps=args.rounds + 1))
     modules = {}  # name -> (module, optimizer, autocast dtype or None)
-    task = progress.add_task("building training configurations", total=len(args.train) * len(args.dtypes))
-    for dtype_name in args.dtypes:
-        for config in args.train:
-            torch.manual_seed(SEED)
-            model_dtype = DTYPES.get(dtype_name, torch.float32)  # a MIXED precision trains the float32 model
-            modules[f"{config}/{dtype_name}"] = (*build_training(config, smollm2(), model_dtype),
-                                                 MIXED.get(dtype_name))
-            progress.advance(task)
+    variants = training_variants(args.train, args.dtypes, args.compiled)
+    task = progress.add_task("building training configurations", total=len(variants))
+    for config, dtype_name in variants:
+        torch.manual_seed(SEED)
+        precision = dtype_name.removesuffix(COMPILED)
+        model_dtype = DTYPES.get(precision, torch.float32)  # a MIXED precision trains the float32 model
+        built = build_training(config, smollm2(), model_dtype, compile=dtype_name.endswith(COMPILED))
+        modules[f"{config}/{dtype_name}"] = (*built, MIXED.get(precision))
+        progress.advance(task)
     task = progress.add_task("training steps, every configuration in turn", total=len(stream) * len(modules))
     for round_index, input_ids in enumerate(stream):
         for name, (module, optimizer, autocast_dtype) in modules.items():
             module.train()
             with mixed_precision(autocast_dtype):
                 seconds, _ = timed(lambda: train_step(module, optimizer, input_ids))
-            if round_index:  # round 0 warms up (allocator, first-call caches)
+            if round_index:  # round 0 warms up (allocator, first-call caches, compiles)
                 report.seconds.setdefault(name, []).append(seconds)
+            else:
+                report.first[name] = seconds
             progress.advance(task)
     modules.clear()
     gc.collect()
+
+
+def training_variants(configs: list[str], dtypes: list[str], compiled: bool) -> list[tuple[str, str]]:
+    """(configuration, precision) pairs to build, in order: each precision, then (with `compiled`) each model
+    dtype compiled, for qgraph's configurations."""
+    variants = [(config, dtype) for dtype in dtypes for config in configs]
+    if compiled:
+        variants += [(config, dtype + COMPILED) for dtype in dtypes if dtype in DTYPES
+                     for config in configs if config in COMPILABLE]
+    return variants
 
 
 def generation_rounds(report: Report, args: argparse.Namespace, progress: Progress) -> None:
@@ -330,6 +354,12 @@ def markdown_table(report: Report) -> str:
             met += " (different tokens)"
         rows.append(f"| {target.label} | {target.config} | {target.peer} | {mine:.3f} | {theirs:.3f} | "
                     f"{ratio:.2f}x | >= {target.least:g}x | {met} |")
+    compiled = [c for c in report.first if c.endswith(COMPILED)]
+    if compiled:
+        rows += ["", "| compiled configuration | first step, compile included (s) | target | met |", "|---|---:|---:|---|"]
+        for config in compiled:
+            met = "yes" if report.first[config] <= FIRST_STEP_LIMIT else "no"
+            rows.append(f"| {config} | {report.first[config]:.1f} | <= {FIRST_STEP_LIMIT:g} s | {met} |")
     generation = [c for c in GEN_CONFIGS if c in report.seconds]
     if generation:
         rows += ["", "| generation | tokens/s | same tokens as |", "|---|---:|---|"]
@@ -348,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="timed training rounds (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-len", type=int, default=128)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also train qgraph's configurations with compile=True (inductor's caches off: each first "
+                             "step is a cold compile)")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--qst-split", action="store_true",
                         help="also take a qst-nf4 step apart (side network, head and loss, optimizer, backbone)")
@@ -359,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compiled:
+        torch.compiler.config.force_disable_caches = True  # a first step that says what a fresh machine pays
     settings = {"batch_size": args.batch_size, "block_len": args.block_len, "rounds": args.rounds,
                 "gen_rounds": args.gen_rounds, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                 "threads": torch.get_num_threads(), "device": "cpu"}
