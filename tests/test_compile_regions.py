@@ -4,7 +4,7 @@ import torch
 from torch import fx
 
 import qgraph
-from qgraph.compile import graph_structure, region_calls, region_key
+from qgraph.compile import graph_structure, region_calls, region_key, whole_graph_reason
 from qgraph.models import tiny_causal_lm
 
 
@@ -53,3 +53,14 @@ def test_the_structure_ignores_node_names_but_not_ops_or_wiring():
     assert graph_structure(traced(f)) == graph_structure(traced(g))
     assert graph_structure(traced(f)) != graph_structure(traced(other_op))
     assert graph_structure(traced(f)) != graph_structure(traced(other_wiring))
+
+
+def test_what_sends_a_graph_to_the_whole_graph_compile():
+    gm = qgraph.transform(tiny_causal_lm("llama", layers=3), "lrqat-w4", rank=4).graph_module
+    calls = region_calls(gm)
+    assert whole_graph_reason(gm, calls, dict.fromkeys(region_key(gm, call) for call in calls)) == ""
+    assert whole_graph_reason(gm, [], {}) == "no checkpoint region in the graph itself"
+    assert "holds its own tensors" in whole_graph_reason(gm, calls, {None: None})
+    assert whole_graph_reason(gm, calls, dict.fromkeys([("a",), ("b",), ("c",)])).startswith("3 distinct")
+    gm.register_buffer("stray", torch.zeros(1))  # a tensor of the graph module itself: a copy would not follow .to()
+    assert "tensors of its own" in whole_graph_reason(gm, calls, dict.fromkeys(region_key(gm, c) for c in calls))
