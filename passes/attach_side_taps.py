@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from qgraph.errors import PassError
 from qgraph.graph import Block, LinearSite, decoder_blocks, get_attr_tensor, linear_sites, module_path
+from qgraph.loss import LowRankHeadDelta
 from qgraph.ops.nf4 import dequantize_nf4
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import ADDED, REWRITTEN, PassReport, SiteRecord
@@ -35,6 +36,7 @@ from qgraph.side_init import (
 from qgraph.side_network import DOWNSAMPLE_KINDS, MIX_KINDS, SIDE_MODULE, SideConfig, SideNetwork
 
 PASS_NAME = "attach_side_taps"
+HEAD_DELTA_MODULE = "qst_head_delta"  # the head's low-rank delta on the GraphModule (head_rank > 0)
 MASK_INPUT = "attention_mask"
 aten = torch.ops.aten
 
@@ -75,6 +77,10 @@ class SideTapsOptions:
     # move the head's input, not the classes it separates. Refused for a head tied to the embedding, where
     # training it would change what the backbone reads
     train_head: bool = False
+    # rank of a trainable low-rank term added to the head's logits, up @ (down @ h) (qgraph.loss.LowRankHeadDelta,
+    # up from 0 so step 0 is unchanged); 0 for none. The head itself stays frozen (tied or not): the term lets the
+    # logits move outside the head's own span, which a correction of h cannot (tools/bench_qst.py, README)
+    head_rank: int = 0
 
     def __post_init__(self) -> None:
         _check_positive("r", self.r, "16 is the paper's default")
@@ -99,6 +105,8 @@ class SideTapsOptions:
             _check_positive("heads", self.heads, "or None to derive it from the backbone")
         if not isinstance(self.train_head, bool):
             raise ValueError(f"train_head must be True or False, got {self.train_head!r}")
+        if not isinstance(self.head_rank, int) or isinstance(self.head_rank, bool) or self.head_rank < 0:
+            raise ValueError(f"head_rank must be 0 (no head delta) or a positive rank, got {self.head_rank!r}")
 
     @property
     def trains(self) -> bool:
@@ -443,14 +451,41 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     trainable.extend(f"{SIDE_MODULE}.{name}" for name, _ in side.named_parameters())
     if options.train_head:
         trainable.extend(own_head_parameters(gm, head, context))
+    if options.head_rank:
+        add_head_delta(gm, head, side_node, context, options)
+        trainable.extend(f"{HEAD_DELTA_MODULE}.{name}" for name in ("down", "up"))
     report.matched = len(taps)
     embedding = module_path(blocks[0].hidden_in) or f"{blocks[0].path} input"
     report.records.extend(_tap_records(side, [embedding, *(b.path for b in tapped)]))
     report.records.append(_head_record(side, head, options.train_head))
+    if options.head_rank:
+        delta = gm.get_submodule(HEAD_DELTA_MODULE)
+        report.records.append(SiteRecord(
+            f"{head.path} ({HEAD_DELTA_MODULE})", ADDED, params=delta.down.numel() + delta.up.numel(),
+            bytes_after=delta.down.nbytes + delta.up.nbytes,
+            detail=f"logits + up @ (down @ h), rank {options.head_rank}, up from 0 (starts as the head)"))
     report.notes.append(_init_note(options, pruned, config))
     if not masks:
         report.notes.append(f"no {MASK_INPUT} input in the graph: the side network treats every token as real")
     return PassResult(gm, modified=True, report=report)
+
+
+def add_head_delta(gm: fx.GraphModule, head: LinearSite, head_input: fx.Node, context: PassContext,
+                   options: SideTapsOptions) -> None:
+    """head(h) -> head(h) + delta(h): a LowRankHeadDelta of `head_input`, made once (a second graph of the model
+    gets the same one), drawn from the side network's seed stream."""
+    def make() -> LowRankHeadDelta:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed + 1)  # not the side network's own draw
+            return LowRankHeadDelta(head.in_features, head.out_features, options.head_rank).to(_device(gm))
+
+    gm.add_submodule(HEAD_DELTA_MODULE, context.make_once((PASS_NAME, HEAD_DELTA_MODULE), make))
+    graph = gm.graph
+    with graph.inserting_after(head.node):
+        delta = graph.call_module(HEAD_DELTA_MODULE, (head_input,))
+    with graph.inserting_after(delta):
+        total = graph.call_function(aten.add.Tensor, (head.node, delta))
+    head.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
 
 def _side_network(gm: fx.GraphModule, tapped: list[Block], head: LinearSite, config: SideConfig,

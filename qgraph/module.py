@@ -16,7 +16,7 @@ from qgraph.errors import QGraphError
 from qgraph.generate import generate
 from qgraph.graph import get_attr_tensor
 from qgraph.inputs import check_call
-from qgraph.loss import linear_cross_entropy
+from qgraph.loss import LowRankHeadDelta, linear_cross_entropy
 from qgraph.plans import Plan
 from qgraph.report import TransformReport
 from qgraph.saved_state import save_pretrained
@@ -111,17 +111,30 @@ class HFQGraphModule(QGraphModule):
         them is what the chunked loss avoids. Otherwise the logits are computed as the head would have."""
         hidden = output.logits
         weight, bias = self._head_parameters()
+        delta = self._head_delta()
         if labels is not None:
             output.loss = linear_cross_entropy(hidden, weight, bias, labels,
-                                               chunk_tokens=self.info.lm_head.chunk_tokens, **loss_kwargs)
+                                               chunk_tokens=self.info.lm_head.chunk_tokens,
+                                               delta=None if delta is None else (delta.down, delta.up), **loss_kwargs)
         training_step = labels is not None and self.training and torch.is_grad_enabled()
-        output.logits = None if training_step else F.linear(hidden, weight, bias)
+        output.logits = None if training_step else self._head_logits(hidden)
         return output
 
     def _head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         head = self.info.lm_head
         bias = get_attr_tensor(self.graph_module, head.bias) if head.bias else None
         return get_attr_tensor(self.graph_module, head.weight), bias
+
+    def _head_delta(self) -> LowRankHeadDelta | None:
+        """The head's trainable low-rank delta (QST's head_rank), moved out of the graph with it."""
+        path = self.info.lm_head.delta
+        return self.graph_module.get_submodule(path) if path else None
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the head the chunk_lm_loss pass moved out of the graph computes."""
+        logits = F.linear(hidden, *self._head_parameters())
+        delta = self._head_delta()
+        return logits if delta is None else logits + delta(hidden)
 
     def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, vocab): the logits at each row's last position, what a decoding step reads.
@@ -135,7 +148,7 @@ class HFQGraphModule(QGraphModule):
         if self.info.lm_head is None:
             return output.logits[:, -1]
         head_input = output.logits  # the graph returns the hidden state the head reads
-        return F.linear(head_input[:, -1], *self._head_parameters())
+        return self._head_logits(head_input[:, -1])
 
     def require_causal_lm(self, what: str) -> None:
         """Raise, naming `what` needs it, unless this is a causal LM (decoding reads next-token logits)."""

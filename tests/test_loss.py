@@ -80,3 +80,57 @@ def test_nothing_vocab_sized_is_saved_for_backward():
         loss = linear_cross_entropy(h, w, b, labels, chunk_tokens=8)
     assert saved and all(1000 not in shape for shape in saved), saved
     loss.backward()
+
+
+# --- a low-rank head delta (QST's head_rank): logits + (h down^T) up^T ---------------------------------------
+
+
+def delta_case(dtype=torch.float32, hidden=16, vocab=50, rank=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rank, hidden, generator=g, dtype=dtype) / hidden**0.5,
+            torch.randn(vocab, rank, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_a_head_delta_gives_the_reference_loss_and_gradients(chunk):
+    h, w, b, labels = case()
+    delta = delta_case()
+    ours = [t.clone().requires_grad_() for t in (h, *delta)]
+    ref = [t.clone().requires_grad_() for t in (h, *delta)]
+    got = linear_cross_entropy(ours[0], w, b, labels, chunk_tokens=chunk, delta=(ours[1], ours[2]))
+    want = linear_cross_entropy_reference(ref[0], w, b, labels, delta=(ref[1], ref[2]))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, linear_cross_entropy_reference(h, w, b, labels))  # the delta counts
+    got.backward()
+    want.backward()
+    for a, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_gradcheck_float64_with_a_head_delta():
+    h, w, b, labels = case(torch.float64, batch=2, seq=5, hidden=6, vocab=11)
+    down, up = delta_case(torch.float64, hidden=6, vocab=11, rank=2)
+    inputs = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), down.requires_grad_(), up.requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda hh, ww, bb, dd, uu: linear_cross_entropy(hh, ww, bb, labels, chunk_tokens=3, delta=(dd, uu)), inputs)
+
+
+def test_a_float32_delta_over_a_bf16_head_is_the_fp32_logits_reference():
+    h, w, b, labels = case(torch.bfloat16)
+    down, up = (t.requires_grad_() for t in delta_case())
+    got = linear_cross_entropy(h, w, b, labels, chunk_tokens=4, delta=(down, up))
+    want = linear_cross_entropy_reference(h, w, b, labels, delta=(down, up))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    got.backward()
+    assert down.grad.dtype == torch.float32 and up.grad.abs().sum() > 0
+
+
+def test_the_delta_module_starts_at_zero_and_keeps_the_inputs_dtype():
+    from qgraph.loss import LowRankHeadDelta
+
+    delta = LowRankHeadDelta(width=16, vocab=50, rank=4)
+    h = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    out = delta(h)
+    assert out.shape == (2, 3, 50) and out.dtype == torch.bfloat16 and not out.any()
+    assert delta.down.dtype == delta.up.dtype == torch.float32

@@ -3,10 +3,11 @@ import io
 import pytest
 import torch
 from rich.console import Console
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qgraph
-from passes.attach_side_taps import downstream, find_head, tapped_blocks
+from passes.attach_side_taps import HEAD_DELTA_MODULE, downstream, find_head, tapped_blocks
 from qgraph.errors import PassError, PlanError
 from qgraph.graph import decoder_blocks
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
@@ -312,6 +313,7 @@ def test_train_head_refuses_a_bf16_head():
     ({"adapter_rank": 2.5}, "adapter_rank must be a positive integer"),
     ({"layer_stride": True}, "layer_stride must be a positive integer"),
     ({"train_head": "yes"}, "train_head must be True or False, got 'yes'"),
+    ({"head_rank": -1}, r"head_rank must be 0 \(no head delta\) or a positive rank, got -1"),
 ])
 def test_bad_option_values_fail_before_capture(tiny_llama, snapshot, options, message):
     before = snapshot(tiny_llama)
@@ -566,3 +568,56 @@ def test_gate_init_sets_every_ladder_gates_start_and_keeps_step0():
     assert torch.equal(side.gates.detach(), torch.full((LAYERS,), 2.0))
     ids = random_ids((2, 12), seed=5)
     assert torch.equal(logits(qm, ids), logits(qgraph.transform(model, "nf4"), ids))
+
+
+# --- head_rank: a trainable low-rank delta on the frozen head's logits ------------------------------------------
+
+
+def with_random_delta(qm):
+    """The delta's `up` off zero (it starts at zero), so that it changes the logits."""
+    with torch.no_grad():
+        qm.graph_module.get_submodule(HEAD_DELTA_MODULE).up.normal_(generator=torch.Generator().manual_seed(0))
+    return qm
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_head_rank_starts_as_nf4_and_trains_the_side_network_and_the_delta_only(family):
+    model = tiny_causal_lm(family, layers=LAYERS)
+    nf4, qm = qgraph.transform(model, "nf4"), qgraph.transform(model, "qst-nf4", head_rank=4)
+    ids = random_ids((2, 12), seed=1)
+    assert torch.equal(logits(qm, ids), logits(nf4, ids))
+    delta = qm.graph_module.get_submodule(HEAD_DELTA_MODULE)
+    assert delta.down.shape == (4, model.config.hidden_size) and delta.up.shape == (model.config.vocab_size, 4)
+    side = qm.graph_module.get_submodule(SIDE_MODULE)
+    allowed = {id(p) for p in (*side.parameters(), *delta.parameters())}
+    assert {id(p) for p in qm.trainable_parameters()} == allowed
+    qm(input_ids=ids, labels=ids).loss.backward()
+    grads = {id(p) for p in qm.parameters() if p.grad is not None}
+    assert id(delta.up) in grads and grads <= allowed  # no gradient enters the backbone or the head
+
+
+def test_the_delta_leaves_the_graph_with_the_head_and_every_path_adds_it():
+    qm = with_random_delta(qgraph.transform(tiny_causal_lm("llama", layers=LAYERS), "qst-nf4", head_rank=4))
+    assert qm.info.lm_head.delta == HEAD_DELTA_MODULE  # chunk_lm_loss moved it out with the head
+    assert not qm.graph_module.graph.find_nodes(op="call_module", target=HEAD_DELTA_MODULE)
+    ids = random_ids((2, 12), seed=3)
+    full = logits(qm, ids)
+    with torch.no_grad():
+        loss = qm(input_ids=ids, labels=ids).loss
+    expected = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(qm.next_token_logits(ids), full[:, -1])
+    prompt = ids[:1, :5]  # the decode graph keeps the delta in the graph
+    assert torch.equal(qm.generate(prompt, max_new_tokens=5), qm.generate(prompt, max_new_tokens=5, use_cache=False))
+    torch.testing.assert_close(logits(qgraph.finalize(qm), ids), full)  # the head restored with its delta
+
+
+def test_head_rank_is_in_the_report_and_the_saved_state(tmp_path):
+    model = tiny_causal_lm("llama", layers=LAYERS)
+    qm = with_random_delta(qgraph.transform(model, "qst-nf4", head_rank=4))
+    record = next(r for r in qm.report["attach_side_taps"].records if HEAD_DELTA_MODULE in r.path)
+    width, vocab = model.config.hidden_size, model.config.vocab_size
+    assert record.action == ADDED and "rank 4" in record.detail and record.params == 4 * (width + vocab)
+    qm.save_pretrained(tmp_path)
+    ids = random_ids((2, 9), seed=4)
+    assert torch.equal(logits(qgraph.from_pretrained(model, tmp_path), ids), logits(qm, ids))
