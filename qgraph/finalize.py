@@ -15,7 +15,7 @@ from qgraph.report import TransformReport
 FOLD_PASS = "fold_lrqat"
 
 
-def finalize(qm: QGraphModule, *, compile: bool = False) -> QGraphModule:
+def finalize(qm: QGraphModule, *, compile: bool | str = False) -> QGraphModule:
     """A new, frozen QGraphModule whose LR-QAT layers are plain b-bit integer weights and scales.
 
     The fold runs through the pass pipeline (verified like any pass) on a deep copy of the graph, so

@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from qgraph.capture import MAX_BATCH, CaptureInfo
-from qgraph.compile import compile_graph_module
+from qgraph.compile import compile_graph_module, compile_mode
 from qgraph.decode import DecodeGraph, DecodeRecipe, DecodeSession, tie_weights
 from qgraph.errors import QGraphError
 from qgraph.generate import generate
@@ -27,7 +27,7 @@ class QGraphModule(nn.Module):
     took and returns what it returned. Hugging Face models get `HFQGraphModule`."""
 
     def __init__(self, graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo,
-                 *, compile: bool = False) -> None:
+                 *, compile: bool | str = False) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.report = report
@@ -37,8 +37,8 @@ class QGraphModule(nn.Module):
         # each of them in state_dict twice (under names torch.compile's wrapper changes).
         # dynamic shapes: one compiled graph serves every batch size and sequence length in the captured range
         self.__dict__["_run"] = graph_module
-        if compile:
-            compiled = compile_graph_module(graph_module)
+        if mode := compile_mode(compile):
+            compiled = compile_graph_module(graph_module, mode)
             self.__dict__["_run"] = compiled.run
             report.compiled = compiled.description
 
@@ -68,7 +68,7 @@ class HFQGraphModule(QGraphModule):
     that read the signature (the HF Trainer keeps only the dataset columns forward accepts) see them."""
 
     def __init__(self, graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo,
-                 *, compile: bool = False, decode_recipe: DecodeRecipe | None = None) -> None:
+                 *, compile: bool | str = False, decode_recipe: DecodeRecipe | None = None) -> None:
         super().__init__(graph_module, report, plan, info, compile=compile)
         # Not submodules either: the decode graph's tensors are graph_module's (qgraph.decode); the recipe
         # builds it on first use, and stays (finalize derives the finalized module's from it)
@@ -189,7 +189,7 @@ class HFQGraphModule(QGraphModule):
 
 
 def wrap_graph_module(graph_module: fx.GraphModule, report: TransformReport, plan: Plan, info: CaptureInfo, *,
-                      compile: bool = False, decode_recipe: DecodeRecipe | None = None) -> QGraphModule:
+                      compile: bool | str = False, decode_recipe: DecodeRecipe | None = None) -> QGraphModule:
     """The module transform and finalize return: HFQGraphModule for a Hugging Face model."""
     if info.kind != "hf":
         return QGraphModule(graph_module, report, plan, info, compile=compile)

@@ -21,7 +21,7 @@ from qgraph.saved_state import (
 __all__ = ["CONFIG_FILE", "applied_plan", "from_pretrained", "save_pretrained"]
 
 
-def from_pretrained(model: nn.Module, directory: str | Path, *, compile: bool = False,
+def from_pretrained(model: nn.Module, directory: str | Path, *, compile: bool | str = False,
                     example_inputs: Any = None) -> QGraphModule:
     """The module `qm.save_pretrained(directory)` saved, rebuilt from `model`.
 

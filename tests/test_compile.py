@@ -100,6 +100,20 @@ def test_compile_does_not_duplicate_state():
     assert qm.report.compiled == "torch.compile: the whole graph (no checkpoint region in the graph itself)"
 
 
+def test_compile_graph_compiles_the_whole_graph_and_trains_as_eager():
+    torch._dynamo.reset()
+    model = tiny_causal_lm("llama", layers=1)
+    eager = qgraph.transform(model, "lrqat-w4", rank=4)
+    compiled = qgraph.transform(model, "lrqat-w4", rank=4, compile="graph")
+    assert compiled.report.compiled == "torch.compile: the whole graph (compile='graph')"
+    ids = tokens((2, 12))
+    loss, grads = loss_and_grads(compiled, ids)
+    expected_loss, expected = loss_and_grads(eager, ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_regions_of_different_lengths_compile_apart_and_train_as_eager():
     # three blocks, one region per two: a two-block region and a one-block one, two structures
     torch._dynamo.reset()

@@ -1,10 +1,12 @@
 """Which checkpoint regions one compiled function can serve (qgraph.compile.region_key); no compiling here."""
 
+import pytest
 import torch
 from torch import fx
 
 import qgraph
-from qgraph.compile import graph_structure, region_calls, region_key, whole_graph_reason
+from qgraph.compile import compile_mode, graph_structure, region_calls, region_key, whole_graph_reason
+from qgraph.errors import QGraphError
 from qgraph.models import tiny_causal_lm
 
 
@@ -64,3 +66,16 @@ def test_what_sends_a_graph_to_the_whole_graph_compile():
     assert whole_graph_reason(gm, calls, dict.fromkeys([("a",), ("b",), ("c",)])).startswith("3 distinct")
     gm.register_buffer("stray", torch.zeros(1))  # a tensor of the graph module itself: a copy would not follow .to()
     assert "tensors of its own" in whole_graph_reason(gm, calls, dict.fromkeys(region_key(gm, c) for c in calls))
+
+
+def test_compile_takes_true_false_or_a_mode_and_refuses_the_rest_before_capture():
+    assert [compile_mode(v) for v in (False, True, "regions", "graph")] == [None, "regions", "regions", "graph"]
+    with pytest.raises(QGraphError, match=r"compile must be False, True \(= 'regions'\) or one of 'regions', 'graph'"):
+        compile_mode("grpah")
+
+    class Uncapturable(torch.nn.Module):  # transform would fail to capture it: the refusal must come first
+        def forward(self, x):
+            raise AssertionError("captured")
+
+    with pytest.raises(QGraphError, match="got 1"):
+        qgraph.transform(Uncapturable(), "nf4", compile=1)
