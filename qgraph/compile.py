@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from qgraph.errors import QGraphError
-from qgraph.graph import CHECKPOINT
+from qgraph.graph import CHECKPOINT, checkpointed_module, graph_copy
 from qgraph.ops.lrqat import inductor_decompositions
 
 # transform(compile=...): True or "regions", checkpoint regions compiled once per structure where they can be;
@@ -108,8 +108,7 @@ def region_key(gm: fx.GraphModule, call: fx.Node) -> tuple | None:
     """What two checkpoint calls must share to run one compiled function: the region's ops and how they
     connect, and the call's options. None for a region with tensors of its own (a checkpointed module, whose
     weights are not inputs), which cannot stand in for another."""
-    callee = call.args[0]
-    region = gm.get_submodule(str(callee.target)) if isinstance(callee, fx.Node) and callee.op == "get_attr" else None
+    region = checkpointed_module(gm, call)
     if not isinstance(region, fx.GraphModule) or any(True for _ in region.parameters()) \
             or any(True for _ in region.buffers()) or region.graph.find_nodes(op="get_attr"):
         return None
@@ -150,31 +149,22 @@ class CheckpointedRegion(nn.Module):
 def compile_regions(gm: fx.GraphModule, calls: list[fx.Node], keys: list[tuple]) -> fx.GraphModule:
     """A GraphModule sharing gm's submodules (and so every tensor of gm, which whole_graph_reason checked),
     whose checkpoint calls go through one compiled CheckpointedRegion per region structure."""
-    graph = fx.Graph()
-    copied: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, copied))
-    graph.set_codegen(gm.graph._codegen)  # what turns the flat outputs back into the model's output type
-    owner = nn.Module()
-    for name, child in gm.named_children():
-        owner.add_module(name, child)
-    compiled: dict[tuple, str] = {}
-    for call, key in zip(calls, keys, strict=True):
-        if key not in compiled:
-            compiled[key] = f"compiled_region_{len(compiled)}"
-            region = gm.get_submodule(str(call.args[0].target))
-            owner.add_module(compiled[key], compile_module(CheckpointedRegion(region, dict(call.kwargs)),
-                                                           dynamic=True, fullgraph=True))
-        node = copied[call]
-        with graph.inserting_before(node):
-            replacement = graph.call_module(compiled[key], tuple(node.args[1:]))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
-    run = fx.GraphModule(owner, graph, class_name=type(gm).__name__)
-    # fx copied each path the graph reads into modules of its own; gm's own submodules replace them, so that
+    run = graph_copy(gm)
+    # graph_copy made new modules along each path the graph reads; gm's own submodules replace them, so that
     # what later changes gm's tensors (qm.to(...), a load, a buffer swap) changes what run reads
     for name, child in gm.named_children():
         run.add_module(name, child)
+    compiled: dict[tuple, str] = {}
+    for call, node, key in zip(calls, region_calls(run), keys, strict=True):  # the same calls, in graph order
+        if key not in compiled:
+            compiled[key] = f"compiled_region_{len(compiled)}"
+            region = CheckpointedRegion(checkpointed_module(gm, call), dict(call.kwargs))
+            run.add_module(compiled[key], compile_module(region, dynamic=True, fullgraph=True))
+        with run.graph.inserting_before(node):
+            replacement = run.graph.call_module(compiled[key], tuple(node.args[1:]))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        run.graph.erase_node(node)
     run.graph.eliminate_dead_code()  # the regions' get_attr nodes
     run.recompile()
     return run

@@ -382,15 +382,20 @@ def _inline(dest: fx.Graph, gm: fx.GraphModule, graph: fx.Graph, env: dict[fx.No
     raise ValueError("graph has no output node")
 
 
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph`'s nodes, with its output type and calling convention."""
+    copied = fx.Graph()
+    output_value, old_output = copied.graph_copy(graph, {}, return_output_node=True)
+    copied.output(output_value, type_expr=old_output.type)
+    # the unlifted module's pytree calling convention, shared (deepcopy would copy it to no purpose)
+    copied.set_codegen(graph._codegen)
+    return copied
+
+
 def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copy of `gm`'s graph and the same tensors and submodules (new containers for
     them), so that a pass can rewrite it without touching `gm`."""
-    graph = fx.Graph()
-    output_value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(output_value, type_expr=old_output.type)
-    # the unlifted module's pytree calling convention, shared (deepcopy would copy it to no purpose)
-    graph.set_codegen(gm.graph._codegen)
     # GraphModule(root, graph) takes the attributes and submodules the graph reads from root, by reference
-    copied = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copied = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
     copied.meta.update(gm.meta)
     return copied

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qgraph.graph import get_attr_tensor
+from qgraph.graph import copy_graph, get_attr_tensor
 from qgraph.ops import eager_kernels
 
 
@@ -41,9 +41,7 @@ class InferenceGraph:
 
 def inference_graph(source: fx.GraphModule) -> InferenceGraph:
     """Build the inference form of `source` (its graph is copied, not changed)."""
-    graph = fx.Graph()
-    graph._codegen = source.graph._codegen  # torch.export's: (inputs) -> pytree-flattened placeholders
-    graph.output(graph.graph_copy(source.graph, {}))
+    graph = copy_graph(source.graph)
     kernels = eager_kernels()
     tensors: dict[str, str] = {}
     for node in graph.nodes:
@@ -59,4 +57,3 @@ def inference_graph(source: fx.GraphModule) -> InferenceGraph:
     form = InferenceGraph(fx.GraphModule(root, graph, class_name="InferenceGraph"), tensors, modules)
     form.refresh(source)
     return form
-

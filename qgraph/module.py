@@ -110,9 +110,9 @@ class HFQGraphModule(QGraphModule):
         A training step (labels given, train mode, autograd on) returns `logits=None`: materialising
         them is what the chunked loss avoids. Otherwise the logits are computed as the head would have."""
         hidden = output.logits
-        weight, bias = self._head_parameters()
-        delta = self._head_delta()
         if labels is not None:
+            weight, bias = self._head_parameters()
+            delta = self._head_delta()
             output.loss = linear_cross_entropy(hidden, weight, bias, labels,
                                                chunk_tokens=self.info.lm_head.chunk_tokens,
                                                delta=None if delta is None else (delta.down, delta.up), **loss_kwargs)

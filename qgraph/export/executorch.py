@@ -37,7 +37,7 @@ from qgraph.errors import ExportError
 from qgraph.export.aten import unpack_signed_nibbles
 from qgraph.export.program import INPUT_NAMES, LogitsProgram
 from qgraph.export.target import Artifact, ExportTarget
-from qgraph.graph import get_attr_tensor, module_path
+from qgraph.graph import copy_graph, get_attr_tensor, module_path
 from qgraph.module import QGraphModule
 from qgraph.ops.act_quant import FAKE_QUANT_ACT, QMAX, QMIN
 from qgraph.ops.round_scale import rounding_deviation
@@ -168,10 +168,7 @@ def xnnpack_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over the same tensors (plus unpacked int8 codes) in the 8da4w pattern.
 
     The finalized module is left as it is: the graph is copied, and the new codes live on the copy."""
-    graph = fx.Graph()
-    output_value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(output_value, type_expr=old_output.type)
-    graph.set_codegen(gm.graph._codegen)
+    graph = copy_graph(gm.graph)
     new_codes: dict[str, Tensor] = {}
     for node in list(graph.nodes):
         if node.op != "call_function":
