@@ -10,6 +10,7 @@ when they train), so backward only scales what forward stored, (tokens, hidden) 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -104,13 +105,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_down = torch.zeros_like(down, dtype=dtype) if need_delta else None
         grad_up = torch.zeros_like(up, dtype=dtype) if need_delta else None
         total = hidden.new_zeros((), dtype=dtype)
+        # the delta's products stay in `dtype` under torch.autocast too (which would run them in bf16 and
+        # leave an in-place float32 addmm_ with a bf16 operand); the head's own product follows autocast
+        exact = functools.partial(torch.autocast, hidden.device.type, enabled=False)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             x, y = hidden[rows], targets[rows]
             logits = F.linear(x, weight, bias)
             if down is not None:  # + (x down^T) up^T in `dtype`: in place on float32 logits
-                low = x.to(dtype) @ down.to(dtype).t()
-                logits = logits.to(dtype).addmm_(low, up.to(dtype).t())
+                with exact():
+                    low = x.to(dtype) @ down.to(dtype).t()
+                    logits = logits.to(dtype).addmm_(low, up.to(dtype).t())
             log_probs = _log_softmax(logits, dtype)
             counted = y != IGNORE_INDEX
             safe_y = torch.where(counted, y, 0)
@@ -122,19 +127,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(len(y)), safe_y] -= 1.0
             if not bool(counted.all()):
                 grad_logits.mul_(counted[:, None])
-            grad_low = grad_logits @ up.to(dtype) if down is not None else None  # (rows, rank)
+            with exact():
+                grad_low = grad_logits @ up.to(dtype) if down is not None else None  # (rows, rank)
             if grad_hidden is not None:
                 grad_x = grad_logits.to(weight.dtype) @ weight
                 if grad_low is not None:
-                    grad_x = grad_x.to(dtype) + grad_low @ down.to(dtype)
+                    with exact():
+                        grad_x = grad_x.to(dtype) + grad_low @ down.to(dtype)
                 grad_hidden[rows] = grad_x.to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ x.to(dtype)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             if grad_down is not None:
-                grad_up += grad_logits.t() @ low
-                grad_down += grad_low.t() @ x.to(dtype)
+                with exact():
+                    grad_up += grad_logits.t() @ low
+                    grad_down += grad_low.t() @ x.to(dtype)
         ctx.save_for_backward(grad_hidden, _cast(grad_weight, weight), _cast(grad_bias, bias),
                               _cast(grad_down, down), _cast(grad_up, up))
         return total

@@ -126,6 +126,24 @@ def test_a_float32_delta_over_a_bf16_head_is_the_fp32_logits_reference():
     assert down.grad.dtype == torch.float32 and up.grad.abs().sum() > 0
 
 
+def test_under_autocast_the_delta_stays_float32_and_the_head_runs_in_bf16():
+    # torch.autocast (a float32 model trained in mixed precision, the HF Trainer's bf16=True) runs the head's
+    # product in bf16; the delta's products are the float32 ones of the reference, not autocast's bf16
+    h, w, b, labels = case()
+    down, up = (t.requires_grad_() for t in delta_case())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, b, labels, chunk_tokens=4, delta=(down, up))
+    got.backward()
+    grads = down.grad.clone(), up.grad.clone()
+    down.grad = up.grad = None
+    bf16_head = linear_cross_entropy_reference(h.bfloat16(), w.bfloat16(), b.bfloat16(), labels, delta=(down, up))
+    torch.testing.assert_close(got, bf16_head, rtol=1e-3, atol=1e-3)  # the reference with the head in bf16
+    bf16_head.backward()
+    for a, r in zip(grads, (down.grad, up.grad), strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-3)
+
+
 def test_the_delta_module_starts_at_zero_and_keeps_the_inputs_dtype():
     from qgraph.loss import LowRankHeadDelta
 
