@@ -3,6 +3,7 @@ torchao's convert step deploys what its QAT trained, and the table quotes lrqat-
 
 from __future__ import annotations
 
+import json
 import sys
 from argparse import Namespace
 from collections import Counter
@@ -137,7 +138,8 @@ def test_pte_flag_parses_and_puts_the_pte_next_to_the_configuration_json(monkeyp
     without = run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(json_path), "--steps", "5"])
     assert without["args"][-1] is None
     # the parent hands the flag on to each configuration's process, and only when given
-    args = Namespace(steps=5, timing_steps=3, eval_blocks=2, batch_size=1, block_len=64, warmup=0, decay="constant")
+    args = Namespace(steps=5, timing_steps=3, eval_blocks=2, batch_size=1, block_len=64, warmup=0, decay="constant",
+                     seed=0)
     assert "--pte" not in benchlib._shared_flags(args)
     assert benchlib._shared_flags(Namespace(**vars(args), pte=True))[-1] == "--pte"
 
@@ -149,10 +151,40 @@ def test_the_learning_rate_schedule_warms_up_then_decays_as_asked(monkeypatch, t
     assert [benchlib.lr_factor(i, 10, 0, "constant") for i in range(10)] == [1.0] * 10
     seen = run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(tmp_path / "fp.json"), "--steps", "5",
                                             "--warmup", "2", "--decay", "cosine"])
-    assert seen["kwargs"] == {"warmup": 2, "decay": "cosine"}
+    assert seen["kwargs"] == {"warmup": 2, "decay": "cosine", "seed": benchlib.SEED}
     flags = benchlib._shared_flags(Namespace(steps=5, timing_steps=3, eval_blocks=2, batch_size=1, block_len=64,
-                                             warmup=2, decay="cosine"))
-    assert flags[-4:] == ["--warmup", "2", "--decay", "cosine"]
+                                             warmup=2, decay="cosine", seed=0))
+    assert flags[-6:-2] == ["--warmup", "2", "--decay", "cosine"]
+
+
+def test_seed_reaches_each_configurations_process_and_jobs_run_them_side_by_side(monkeypatch, tmp_path):
+    seen = run_main_capturing(monkeypatch, ["--run", "fp", "--json", str(tmp_path / "fp.json"), "--steps", "5",
+                                            "--seed", "3"])
+    assert seen["kwargs"]["seed"] == 3
+    calls = []
+
+    def fake_subprocess(script, flags, json_path, label, console, threads=None, show_status=True):
+        config = flags[flags.index("--run") + 1]
+        calls.append((config, flags[flags.index("--seed") + 1], threads, show_status))
+        return asdict(Result(config, 0, settings={"seed": 3}))
+
+    monkeypatch.setattr(benchlib, "run_in_subprocess", fake_subprocess)
+    monkeypatch.setattr(benchlib.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(benchlib, "chart", lambda *args: None)
+    monkeypatch.setattr(benchlib, "loss_curves", lambda *args: None)
+    benchlib.main(bench_lrqat.BENCH, ["--configs", "fp", "rtn-w4", "lrqat-w4", "--steps", "5", "--seed", "3",
+                                      "--jobs", "2", "--out", str(tmp_path)])
+    assert sorted(calls) == [(c, "3", 2, False) for c in ("fp", "lrqat-w4", "rtn-w4")]  # 4 cores, 2 each
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert [r["config"] for r in written] == ["fp", "rtn-w4", "lrqat-w4"]  # in the asked order, whichever ends first
+    assert benchlib.threads_per_job(1) is None  # one job: torch's own default
+    with pytest.raises(SystemExit):
+        benchlib.main(bench_lrqat.BENCH, ["--configs", "fp", "--jobs", "0"])
+    # --reuse refuses a result of another seed
+    (tmp_path / "fp.json").write_text(json.dumps(asdict(Result("fp", 0, settings={"seed": 1}))))
+    with pytest.raises(SystemExit, match="seed 1, not 3"):
+        benchlib.main(bench_lrqat.BENCH, ["--configs", "fp", "--steps", "5", "--seed", "3", "--reuse",
+                                          "--out", str(tmp_path)])
 
 
 def test_loss_curves_are_moving_averages_drawn_to_a_png(tmp_path):

@@ -8,7 +8,10 @@ quoted against, and `build(config, model) -> (module, optimizer or None)`) and c
 `autocast` runs some configurations' steps and scoring under torch.autocast (mixed precision),
 and `pte(config, deployed module, held-out blocks, path) -> PteFigures or None` writes that form as an
 ExecuTorch .pte and measures it (with --pte: each export takes minutes).
-Every configuration runs in its own process (so its peak RSS is its own) on the same batches.
+Every configuration runs in its own process (so its peak RSS is its own) on the same batches: `--jobs N` runs N
+of them at once, each with its share of the cores (perplexity runs; step times then come from quiet runs,
+`--timing-from`), and `--seed S` draws another batch order and global RNG stream for all of them (the spread
+between seeds is what a difference between configurations has to beat).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,24 +164,25 @@ def tracked_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer, st
 
 
 def run_config(bench: Bench, config: str, steps: int, timing_steps: int, eval_blocks: int, batch_size: int,
-               block_len: int, pte_path: Path | None = None, warmup: int = 0, decay: str = "constant") -> Result:
+               block_len: int, pte_path: Path | None = None, warmup: int = 0, decay: str = "constant",
+               seed: int = SEED) -> Result:
     from qgraph.data import batches, token_blocks, train_heldout_split
     from qgraph.evaluate import perplexity
     from qgraph.memory import peak_rss_bytes, reset_peak_rss
     from qgraph.models import load_smollm2
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model, tokenizer = load_smollm2(progress=False)
     train_text, heldout_text = train_heldout_split()
     heldout = token_blocks(heldout_text, tokenizer, block_len)[:eval_blocks]
     result = Result(config, steps if config in bench.trained else 0,
-                    settings=_settings(timing_steps, eval_blocks, batch_size, block_len, warmup, decay))
+                    settings=_settings(timing_steps, eval_blocks, batch_size, block_len, warmup, decay, seed))
     reset_peak_rss()
     module, optimizer = bench.build(config, model)
     precision = bench.autocast.get(config)
     with mixed_precision(precision):
         if optimizer is not None:
-            stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=SEED, steps=steps)
+            stream = batches(token_blocks(train_text, tokenizer, block_len), batch_size, seed=seed, steps=steps)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, warmup, decay))
             step = scheduled(train_step, schedule)
             module.train()
@@ -212,45 +218,77 @@ def mixed_precision(dtype: torch.dtype | None) -> contextlib.AbstractContextMana
 # --- all configurations, side by side ---------------------------------------------------------------------
 
 
-def run_in_subprocess(script: str, flags: list[str], json_path: Path, label: str,
-                      console: Console) -> dict | None:
-    """Run `script --json json_path *flags` in a fresh process (its own peak RSS); its result, or None
-    with the error printed when it failed."""
+def run_in_subprocess(script: str, flags: list[str], json_path: Path, label: str, console: Console,
+                      threads: int | None = None, show_status: bool = True) -> dict | None:
+    """Run `script --json json_path *flags` in a fresh process (its own peak RSS), with `threads` torch threads
+    when given; its result, or None with the error printed when it failed. show_status=False where the
+    caller shows its own (rich allows one live display at a time)."""
     command = [sys.executable, script, "--json", str(json_path), *flags]
-    with console.status(f"{label} in its own process"):
-        completed = subprocess.run(command, capture_output=True, text=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    status = console.status(f"{label} in its own process") if show_status else contextlib.nullcontext()
+    with status:
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode:
         console.print(f"[red]{label} failed[/]\n{completed.stderr[-3000:]}")
         return None
     return json.loads(json_path.read_text())
 
 
+def threads_per_job(jobs: int) -> int | None:
+    """Torch threads for each of `jobs` processes run at once: the cores shared out (None: one job, torch's default)."""
+    return None if jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Result]:
+    """Every configuration of args.configs, `args.jobs` processes at a time, in args.configs' order."""
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    wanted_settings = _settings(args.timing_steps, args.eval_blocks, args.batch_size, args.block_len, args.warmup,
+                                args.decay, args.seed)
+    data: dict[str, dict | None] = {}
+    to_run = []
     for config in args.configs:
         steps = args.steps if config in bench.trained else 0
         json_path = args.out / f"{config}.json"
         if args.reuse and json_path.exists():
-            data = json.loads(json_path.read_text())
-            ran = {"steps": data["steps"], **data.get("settings", {})}
-            wanted = {"steps": steps, **_settings(args.timing_steps, args.eval_blocks, args.batch_size, args.block_len,
-                                                  args.warmup, args.decay)}
-            differ = [f"{k} {ran[k]}, not {v}" for k, v in wanted.items() if k in ran and ran[k] != v]
-            if differ:
-                raise SystemExit(f"--reuse: {json_path} ran with other flags ({'; '.join(differ)}); "
-                                 "delete it, run with its flags, or drop --reuse")
-            console.print(f"{config}: reused {json_path}" + ("" if "settings" in data else " (it records steps only)"))
+            data[config] = _reused(json_path, {"steps": steps, **wanted_settings})
+            console.print(f"{config}: reused {json_path}" + ("" if "settings" in data[config] else
+                                                              " (it records steps only)"))
         else:
-            flags = ["--run", config, *_shared_flags(args)]
-            data = run_in_subprocess(bench.script, flags, json_path, f"{config}: {steps} steps", console)
-        if data is not None:
-            result = Result(**data)
+            to_run.append((config, steps, json_path))
+    threads = threads_per_job(args.jobs)
+    running: set[str] = set()
+    with console.status("") as status, ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        def run_one(config: str, steps: int, json_path: Path) -> None:
+            label = f"{config}: {steps} steps"
+            running.add(label)
+            status.update(f"in their own processes: {', '.join(sorted(running))}")
+            data[config] = run_in_subprocess(bench.script, ["--run", config, *_shared_flags(args)], json_path, label,
+                                             console, threads, show_status=False)
+            running.discard(label)
+            if data[config] is not None:
+                console.print(f"{config}: done ({_summary(Result(**data[config]))})")
+
+        for future in [pool.submit(run_one, *job) for job in to_run]:
+            future.result()
+    results = []
+    for config in args.configs:
+        if data.get(config) is not None:
+            result = Result(**data[config])
             if args.timing_from is not None:
                 _take_timing(result, args.timing_from / f"{config}.json", args)
             results.append(result)
-            console.print(f"{config}: done ({_summary(result)})")
     return results
+
+
+def _reused(json_path: Path, wanted: dict[str, int | str]) -> dict:
+    """A configuration's earlier result, refused when it ran with other flags."""
+    data = json.loads(json_path.read_text())
+    ran = {"steps": data["steps"], **data.get("settings", {})}
+    differ = [f"{k} {ran[k]}, not {v}" for k, v in wanted.items() if k in ran and ran[k] != v]
+    if differ:
+        raise SystemExit(f"--reuse: {json_path} ran with other flags ({'; '.join(differ)}); "
+                         "delete it, run with its flags, or drop --reuse")
+    return data
 
 
 def _take_timing(result: Result, path: Path, args: argparse.Namespace) -> None:
@@ -267,15 +305,15 @@ def _take_timing(result: Result, path: Path, args: argparse.Namespace) -> None:
 
 
 def _settings(timing_steps: int, eval_blocks: int, batch_size: int, block_len: int, warmup: int = 0,
-              decay: str = "constant") -> dict[str, int | str]:
+              decay: str = "constant", seed: int = SEED) -> dict[str, int | str]:
     return {"timing_steps": timing_steps, "eval_blocks": eval_blocks, "batch_size": batch_size, "block_len": block_len,
-            "warmup": warmup, "decay": decay}
+            "warmup": warmup, "decay": decay, "seed": seed}
 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--timing-steps", str(args.timing_steps), "--eval-blocks",
             str(args.eval_blocks), "--batch-size", str(args.batch_size), "--block-len", str(args.block_len),
-            "--warmup", str(args.warmup), "--decay", args.decay,
+            "--warmup", str(args.warmup), "--decay", args.decay, "--seed", str(args.seed),
             *(["--pte"] if getattr(args, "pte", False) else [])]
 
 
@@ -414,6 +452,12 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
                         help="steps of linear learning-rate warmup (every configuration)")
     parser.add_argument("--decay", choices=DECAYS, default="constant",
                         help="the learning rate after warmup: constant, or a cosine down to 0 at the last step")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="the batches' order and torch's global RNG (every configuration): runs at several seeds "
+                             "give the spread a difference between configurations must beat")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="configurations run at once, each in its own process with its share of the cores "
+                             "(perplexity runs side by side; take step times from quiet runs, --timing-from)")
     parser.add_argument("--out", type=Path, default=bench.default_out)
     parser.add_argument("--timing-from", type=Path, metavar="DIR",
                         help="take memory, peak RSS and step time from DIR/CONFIG.json (short runs made on a quiet "
@@ -430,12 +474,14 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     if args.steps < MEMORY_STEPS + args.timing_steps:
         parser.error(f"--steps must be at least {MEMORY_STEPS + args.timing_steps} "
                      f"({MEMORY_STEPS} measured for memory, then the timed ones)")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.run:
         if args.json is None:
             parser.error("--run needs --json FILE (where to write the result)")
         pte_path = args.json.with_suffix(".pte") if getattr(args, "pte", False) else None
         result = run_config(bench, args.run, args.steps, args.timing_steps, args.eval_blocks, args.batch_size,
-                            args.block_len, pte_path, warmup=args.warmup, decay=args.decay)
+                            args.block_len, pte_path, warmup=args.warmup, decay=args.decay, seed=args.seed)
         args.json.write_text(json.dumps(asdict(result), indent=2))
         return
     console = Console()
