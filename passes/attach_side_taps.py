@@ -37,6 +37,7 @@ from qgraph.side_network import DOWNSAMPLE_KINDS, MIX_KINDS, SIDE_MODULE, SideCo
 
 PASS_NAME = "attach_side_taps"
 HEAD_DELTA_MODULE = "qst_head_delta"  # the head's low-rank delta on the GraphModule (head_rank > 0)
+DEFAULT_HEAD_RANK = 16  # head_rank=None on a language model's head (tools/bench_qst.py: rank 64 did no better)
 MASK_INPUT = "attention_mask"
 aten = torch.ops.aten
 
@@ -79,8 +80,11 @@ class SideTapsOptions:
     train_head: bool = False
     # rank of a trainable low-rank term added to the head's logits, up @ (down @ h) (qgraph.loss.LowRankHeadDelta,
     # up from 0 so step 0 is unchanged); 0 for none. The head itself stays frozen (tied or not): the term lets the
-    # logits move outside the head's own span, which a correction of h cannot (tools/bench_qst.py, README)
-    head_rank: int = 0
+    # logits move outside the head's own span, which a correction of h cannot (tools/bench_qst.py, README).
+    # None: DEFAULT_HEAD_RANK for a language model's head (measured: SmolLM2's held-out perplexity after 200
+    # steps 12.76 -> 12.09, +0.01 GiB), 0 for a classifier's or a head that trains itself (train_head), where
+    # nothing was measured
+    head_rank: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive("r", self.r, "16 is the paper's default")
@@ -105,8 +109,10 @@ class SideTapsOptions:
             _check_positive("heads", self.heads, "or None to derive it from the backbone")
         if not isinstance(self.train_head, bool):
             raise ValueError(f"train_head must be True or False, got {self.train_head!r}")
-        if not isinstance(self.head_rank, int) or isinstance(self.head_rank, bool) or self.head_rank < 0:
-            raise ValueError(f"head_rank must be 0 (no head delta) or a positive rank, got {self.head_rank!r}")
+        if self.head_rank is not None and (not isinstance(self.head_rank, int) or isinstance(self.head_rank, bool)
+                                           or self.head_rank < 0):
+            raise ValueError(f"head_rank must be None (the default: {DEFAULT_HEAD_RANK} for a language model's head), "
+                             f"0 (no head delta) or a positive rank, got {self.head_rank!r}")
 
     @property
     def trains(self) -> bool:
@@ -148,6 +154,28 @@ def find_head(gm: fx.GraphModule, blocks: list[Block]) -> LinearSite:
         f"{PASS_NAME}: found no linear head reading the output of the last decoder block ({blocks[-1].path}); "
         "QST mixes the side network into the head's input, so the model needs a linear head "
         "(lm_head or a classifier's score) that is not quantized: keep it out of quantize_nf4's include")
+
+
+def scores_vocabulary(gm: fx.GraphModule, head: LinearSite) -> bool:
+    """Whether the head scores the token vocabulary: the graph embeds tokens from a table with one row per
+    head output (a language model's lm_head, tied or not), as opposed to a classifier's few classes."""
+    def table_rows(node: fx.Node) -> int | None:
+        if node.op == "call_function" and node.target is aten.embedding.default:
+            value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            return int(value.shape[0]) if isinstance(value, torch.Tensor) else None
+        if node.op == "call_module" and isinstance(module := gm.get_submodule(str(node.target)), nn.Embedding):
+            return module.num_embeddings
+        return None
+
+    return any(table_rows(node) == head.out_features for node in gm.graph.nodes)
+
+
+def resolved_head_rank(options: SideTapsOptions, vocabulary: bool) -> int:
+    """The head delta's rank: head_rank as given, or for None the default where it was measured (a language
+    model's head that does not train itself) and 0 elsewhere."""
+    if options.head_rank is not None:
+        return options.head_rank
+    return DEFAULT_HEAD_RANK if vocabulary and not options.train_head else 0
 
 
 def width_of(node: fx.Node) -> int:
@@ -451,19 +479,21 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     trainable.extend(f"{SIDE_MODULE}.{name}" for name, _ in side.named_parameters())
     if options.train_head:
         trainable.extend(own_head_parameters(gm, head, context))
-    if options.head_rank:
-        add_head_delta(gm, head, side_node, context, options)
+    head_rank = resolved_head_rank(options, scores_vocabulary(gm, head))
+    if head_rank:
+        add_head_delta(gm, head, side_node, context, head_rank, options.seed)
         trainable.extend(f"{HEAD_DELTA_MODULE}.{name}" for name in ("down", "up"))
     report.matched = len(taps)
     embedding = module_path(blocks[0].hidden_in) or f"{blocks[0].path} input"
     report.records.extend(_tap_records(side, [embedding, *(b.path for b in tapped)]))
     report.records.append(_head_record(side, head, options.train_head))
-    if options.head_rank:
+    if head_rank:
         delta = gm.get_submodule(HEAD_DELTA_MODULE)
         report.records.append(SiteRecord(
             f"{head.path} ({HEAD_DELTA_MODULE})", ADDED, params=delta.down.numel() + delta.up.numel(),
             bytes_after=delta.down.nbytes + delta.up.nbytes,
-            detail=f"logits + up @ (down @ h), rank {options.head_rank}, up from 0 (starts as the head)"))
+            detail=f"logits + up @ (down @ h), rank {head_rank}, up from 0 (starts as the head)"
+                   + ("; head_rank=None: the default for a language model's head" if options.head_rank is None else "")))
     report.notes.append(_init_note(options, pruned, config))
     if not masks:
         report.notes.append(f"no {MASK_INPUT} input in the graph: the side network treats every token as real")
@@ -471,13 +501,13 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
 
 
 def add_head_delta(gm: fx.GraphModule, head: LinearSite, head_input: fx.Node, context: PassContext,
-                   options: SideTapsOptions) -> None:
+                   rank: int, seed: int) -> None:
     """head(h) -> head(h) + delta(h): a LowRankHeadDelta of `head_input`, made once (a second graph of the model
     gets the same one), drawn from the side network's seed stream."""
     def make() -> LowRankHeadDelta:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(options.seed + 1)  # not the side network's own draw
-            return LowRankHeadDelta(head.in_features, head.out_features, options.head_rank).to(_device(gm))
+            torch.manual_seed(seed + 1)  # not the side network's own draw
+            return LowRankHeadDelta(head.in_features, head.out_features, rank).to(_device(gm))
 
     gm.add_submodule(HEAD_DELTA_MODULE, context.make_once((PASS_NAME, HEAD_DELTA_MODULE), make))
     graph = gm.graph

@@ -135,9 +135,10 @@ def test_qst_with_checkpointed_side_blocks_compiles_and_trains_as_eager():
     side_blocks = {"target": "modules", "include": ("qst_side.blocks.*",)}
     eager = qgraph.transform(model, "qst-nf4", checkpoint=side_blocks)
     compiled = qgraph.transform(model, "qst-nf4", checkpoint=side_blocks, compile=True)
-    with torch.no_grad():  # mix off 1, so that the side network's gradients are not all zero
+    with torch.no_grad():  # mix off 1 and the head delta's up off 0, so that no gradient is all zero
         for qm in (eager, compiled):
             qm.graph_module.get_submodule("qst_side").mix.fill_(0.5)
+            qm.graph_module.get_submodule("qst_head_delta").up.fill_(0.01)
     ids = tokens((2, 12))
     explained = torch._dynamo.explain(eager.graph_module)(input_ids=ids, attention_mask=torch.ones_like(ids),
                                                          **eager.info.constant_kwargs)

@@ -94,7 +94,7 @@ def test_trained_modules_decode_with_the_cache_as_without(trained, plan):
 
 def test_the_side_network_is_in_the_cached_loop(trained):
     qm = trained["qst-nf4"]
-    assert side_network(qm).mix.item() < 0.95
+    assert abs(side_network(qm).mix.item() - 1) > 0.05  # the head reads (1 - a) of the side network's output
     assert qm.decode_graph.graph_module.qst_side is side_network(qm)
     prompt = random_ids((2, 6), seed=2)
     backbone = qgraph.transform(tiny_causal_lm("llama", layers=2), "nf4")

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import qgraph
+from passes.attach_side_taps import HEAD_DELTA_MODULE
 from qgraph.errors import QGraphError
 from qgraph.generate import generate
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
@@ -18,7 +19,7 @@ def model_and_qst():
     """A tiny Llama and its qst-nf4 module with a side network trained a few steps (so it matters)."""
     model = tiny_causal_lm("llama", layers=2)
     qm = train_steps(qgraph.transform(model, "qst-nf4", r=4), random_ids((4, 24), seed=0), steps=10, lr=3e-2).eval()
-    assert side_network(qm).mix.item() < 0.9
+    assert abs(side_network(qm).mix.item() - 1) > 0.1  # the head reads (1 - a) of the side network's output
     return model, qm
 
 
@@ -28,10 +29,10 @@ def nf4_decoded(weight: torch.Tensor) -> torch.Tensor:
                       q.blocksize, q.nested_blocksize)
 
 
-def eager_qst(model: nn.Module, side: nn.Module) -> nn.Module:
+def eager_qst(model: nn.Module, side: nn.Module, head_delta: nn.Module) -> nn.Module:
     """The Hugging Face model itself, run eagerly: decoder weights NF4-decoded, the side network fed by
-    forward hooks and its output put in place of lm_head's input. Shares nothing with the graph but
-    the side network."""
+    forward hooks and its output put in place of lm_head's input, the head delta of that input added to
+    lm_head's output. Shares nothing with the graph but the side network and the delta."""
     ref = copy.deepcopy(model)
     for name, module in ref.named_modules():
         if isinstance(module, nn.Linear) and ".layers." in name:
@@ -47,6 +48,7 @@ def eager_qst(model: nn.Module, side: nn.Module) -> nn.Module:
         layer.register_forward_hook(lambda m, a, out: taps.append(hidden(out)) and None)
     ref.register_forward_pre_hook(lambda m, a, kw: mask.update(m=kw.get("attention_mask")) and None, with_kwargs=True)
     ref.lm_head.register_forward_pre_hook(lambda m, args: (side(args[0], mask["m"], *taps),))
+    ref.lm_head.register_forward_hook(lambda m, args, out: out + head_delta(args[0]))
     ref.generation_config.eos_token_id = None
     return ref
 
@@ -55,7 +57,7 @@ def test_greedy_generation_matches_hugging_face_generate_on_the_eager_model(mode
     model, qm = model_and_qst
     prompt = random_ids((2, 6), seed=1)
     ours = qm.generate(prompt, max_new_tokens=10)
-    ref = eager_qst(model, side_network(qm))
+    ref = eager_qst(model, side_network(qm), qm.graph_module.get_submodule(HEAD_DELTA_MODULE))
     with torch.no_grad():
         theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                               use_cache=False, pad_token_id=0)

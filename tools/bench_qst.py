@@ -9,8 +9,8 @@ writes results.json, results.md (the README table), memory_time.png and losses.p
 The qst-nf4-* configurations are the plan with options (QST_VARIANTS, each commented there): -pruned is
 init="pruned" (side blocks from the backbone's pruned weights), -linear / -avgpool / -maxpool another downsample,
 -lr... another learning rate, -r8 / -r4 a wider side network (reduction 8 or 4), -stride30 one side block,
--channel / -residual / -modulate another mix, -gate2 / -gate-2 another start of the ladder gates, -head16 a rank-16
-low-rank delta on the head's logits (head_rank=16), -lrsplit-*
+-channel / -residual / -modulate another mix, -gate2 / -gate-2 another start of the ladder gates, -head0 without the default
+rank-16 low-rank delta on the head's logits (head_rank=0), -lrsplit-*
 one learning rate for the gates, another for the down/upsamples, another for the blocks (LR_SPLITS).
 
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from benchlib import Bench, full_finetuning, main
+from passes.attach_side_taps import HEAD_DELTA_MODULE
 
 # qst-nf4 variants, each its own configuration: (the plan's options, transform(model, "qst-nf4", **options);
 # the side network's AdamW learning rate, None for SIDE_NETWORK_LR)
@@ -52,14 +53,14 @@ QST_VARIANTS: dict[str, tuple[dict, float | None]] = {
     "qst-nf4-modulate": ({"mix": "modulate"}, None),  # + h * modulation(side), per token and feature
     "qst-nf4-gate2": ({"gate_init": 2.0}, None),  # ladder gates from sigmoid(2) = 0.88: the blocks' stream kept
     "qst-nf4-gate-2": ({"gate_init": -2.0}, None),  # from 0.12: the taps kept
-    "qst-nf4-head16": ({"head_rank": 16}, None),  # a rank-16 trainable delta on the frozen head's logits
+    "qst-nf4-head0": ({"head_rank": 0}, None),  # no delta on the head's logits: the default before it had one
 }
 # the learning-rate split between the side network's parts: qst-nf4-lrsplit-NAME trains each part at
 # SIDE_NETWORK_LR times its factor. Parts are told apart by their parameter names (qgraph.side_network):
 # the gates (the ladder gates and the final mix), the projections (the downsamples taking the taps in, the
-# norm and upsample carrying the side state out to the head), the blocks.
+# norm and upsample carrying the side state out to the head), the blocks, and the head's low-rank delta.
 SIDE_PARTS = {"gates": (".gates", ".mix"), "projections": (".downsamples.", ".norm.", ".upsample."),
-              "blocks": (".blocks.",)}
+              "blocks": (".blocks.",), "head delta": (f".{HEAD_DELTA_MODULE}.",)}
 LR_SPLITS: dict[str, dict[str, float]] = {
     "gates10": {"gates": 10.0},  # the gates fast: they decide how much of the side network reaches the head
     "gates0.1": {"gates": 0.1},

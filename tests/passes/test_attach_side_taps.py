@@ -7,7 +7,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qgraph
-from passes.attach_side_taps import HEAD_DELTA_MODULE, downstream, find_head, tapped_blocks
+from passes.attach_side_taps import DEFAULT_HEAD_RANK, HEAD_DELTA_MODULE, downstream, find_head, tapped_blocks
 from qgraph.errors import PassError, PlanError
 from qgraph.graph import decoder_blocks
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
@@ -28,6 +28,15 @@ def side_nodes(qm):
 def logits(qm, ids, **kwargs):
     with torch.no_grad():
         return qm(input_ids=ids, **kwargs).logits
+
+
+def added_parameter_ids(qm) -> set[int]:
+    """The parameters attach_side_taps adds, all that may train: the side network's and the head delta's (on by
+    default for a language model's head)."""
+    added = [qm.graph_module.get_submodule(SIDE_MODULE)]
+    if hasattr(qm.graph_module, HEAD_DELTA_MODULE):
+        added.append(qm.graph_module.get_submodule(HEAD_DELTA_MODULE))
+    return {id(p) for module in added for p in module.parameters()}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -78,11 +87,12 @@ def test_layer_stride_taps_every_kth_layer_counting_back_from_the_last():
 def test_report_has_one_record_per_tap_and_the_head(llama_qst):
     report = llama_qst.report["attach_side_taps"]
     assert report.matched == LAYERS + 1
-    assert [r.path for r in report.with_action(ADDED)] == ["model.embed_tokens", "model.layers.0", "model.layers.1"]
+    assert [r.path for r in report.with_action(ADDED)] == ["model.embed_tokens", "model.layers.0", "model.layers.1",
+                                                           f"lm_head ({HEAD_DELTA_MODULE})"]
     [head] = report.with_action(REWRITTEN)
     assert head.path == "lm_head"
-    side = llama_qst.graph_module.get_submodule(SIDE_MODULE)
-    assert report.params == sum(p.numel() for p in side.parameters())
+    added = [p for p in llama_qst.parameters() if id(p) in added_parameter_ids(llama_qst)]
+    assert report.params == sum(p.numel() for p in added)
     assert llama_qst.report.trainable_params == report.params
 
 
@@ -107,15 +117,15 @@ def test_step0_logits_equal_the_nf4_plan_exactly(family_pair):
 def test_only_the_side_network_trains_and_gets_gradients(family_pair):
     _, _, qm = family_pair
     side = qm.graph_module.get_submodule(SIDE_MODULE)
-    side_ids = {id(p) for p in side.parameters()}
-    assert {id(p) for p in qm.trainable_parameters()} == side_ids
+    added_ids = added_parameter_ids(qm)
+    assert {id(p) for p in qm.trainable_parameters()} == added_ids
     ids = random_ids((2, 12), seed=2)
     qm.zero_grad(set_to_none=True)
     qm(input_ids=ids, labels=ids).loss.backward()
     grads = {id(p) for p in qm.parameters() if p.grad is not None}
     qm.zero_grad(set_to_none=True)
     assert grads  # a's gradient at least (the rest is scaled by 1 - a = 0 at step 0)
-    assert grads <= side_ids
+    assert grads <= added_ids
     assert side.mix.grad is None  # zero_grad above
 
 
@@ -313,7 +323,8 @@ def test_train_head_refuses_a_bf16_head():
     ({"adapter_rank": 2.5}, "adapter_rank must be a positive integer"),
     ({"layer_stride": True}, "layer_stride must be a positive integer"),
     ({"train_head": "yes"}, "train_head must be True or False, got 'yes'"),
-    ({"head_rank": -1}, r"head_rank must be 0 \(no head delta\) or a positive rank, got -1"),
+    ({"head_rank": -1}, r"head_rank must be None \(the default: 16 for a language model's head\), 0 \(no head delta\) "
+                        r"or a positive rank, got -1"),
 ])
 def test_bad_option_values_fail_before_capture(tiny_llama, snapshot, options, message):
     before = snapshot(tiny_llama)
@@ -339,7 +350,8 @@ def test_options_that_do_not_fit_the_model_name_the_fix(tiny_llama, snapshot, op
 def test_side_network_is_an_ordinary_submodule(llama_qst):
     side = llama_qst.graph_module.get_submodule(SIDE_MODULE)
     assert isinstance(side, SideNetwork)
-    assert all(k.startswith(f"graph_module.{SIDE_MODULE}.") for k, p in llama_qst.named_parameters() if p.requires_grad)
+    assert all(k.startswith((f"graph_module.{SIDE_MODULE}.", f"graph_module.{HEAD_DELTA_MODULE}."))
+               for k, p in llama_qst.named_parameters() if p.requires_grad)
     llama_qst.train()
     assert side.training and all(m.training for m in side.modules())
     llama_qst.eval()
@@ -392,15 +404,15 @@ def test_pruned_init_step0_logits_equal_the_nf4_plan_exactly(pruned_triple):
 def test_pruned_init_trains_the_side_network_only(pruned_triple):
     _, _, qm = pruned_triple
     side = qm.graph_module.get_submodule(SIDE_MODULE)
-    side_ids = {id(p) for p in side.parameters()}
-    assert {id(p) for p in qm.trainable_parameters()} == side_ids
+    added_ids = added_parameter_ids(qm)
+    assert {id(p) for p in qm.trainable_parameters()} == added_ids
     with torch.no_grad():
         side.mix.fill_(0.5)  # every side parameter gets a gradient once a < 1
     try:
         ids = random_ids((2, 12), seed=2)
         qm(input_ids=ids, labels=ids).loss.backward()
         with_grad = {id(p) for p in qm.parameters() if p.grad is not None}
-        assert with_grad == side_ids
+        assert with_grad == added_ids
         assert all(p.grad.abs().sum() > 0 for p in side.blocks.parameters())
     finally:
         qm.zero_grad(set_to_none=True)
@@ -547,18 +559,18 @@ def test_residual_mix_starts_as_nf4_and_trains_the_side_network_only(family):
     ids = random_ids((2, 12), seed=4)
     assert torch.equal(logits(qm, ids), logits(nf4, ids))
     side = qm.graph_module.get_submodule(SIDE_MODULE)
-    side_ids = {id(p) for p in side.parameters()}
-    assert {id(p) for p in qm.trainable_parameters()} == side_ids
+    added_ids = added_parameter_ids(qm)
+    assert {id(p) for p in qm.trainable_parameters()} == added_ids
     before = qm(input_ids=ids, labels=ids).loss.item()
     train_steps(qm, ids, 4, lr=1e-2)
     qm.zero_grad(set_to_none=True)
     qm(input_ids=ids, labels=ids).loss.backward()
     assert qm(input_ids=ids, labels=ids).loss.item() < before
-    assert {id(p) for p in qm.parameters() if p.grad is not None} == side_ids  # all of it, nothing else
+    assert {id(p) for p in qm.parameters() if p.grad is not None} == added_ids  # all of it, nothing else
     report = qm.report["attach_side_taps"]
     [head] = report.with_action(REWRITTEN)
     assert "h + upsample(norm(h_g)), upsample 4->64 starting at 0" in head.detail
-    assert report.params == sum(p.numel() for p in side.parameters())
+    assert report.params == sum(p.numel() for p in qm.parameters() if id(p) in added_ids)
 
 
 def test_gate_init_sets_every_ladder_gates_start_and_keeps_step0():
@@ -610,6 +622,30 @@ def test_the_delta_leaves_the_graph_with_the_head_and_every_path_adds_it():
     prompt = ids[:1, :5]  # the decode graph keeps the delta in the graph
     assert torch.equal(qm.generate(prompt, max_new_tokens=5), qm.generate(prompt, max_new_tokens=5, use_cache=False))
     torch.testing.assert_close(logits(qgraph.finalize(qm), ids), full)  # the head restored with its delta
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_language_models_head_gets_the_default_rank_16_delta_and_head_rank_0_turns_it_off(family):
+    model = tiny_causal_lm(family, layers=LAYERS)
+    qm = qgraph.transform(model, "qst-nf4")
+    delta = qm.graph_module.get_submodule(HEAD_DELTA_MODULE)
+    assert delta.down.shape == (DEFAULT_HEAD_RANK, model.config.hidden_size) and DEFAULT_HEAD_RANK == 16
+    record = next(r for r in qm.report["attach_side_taps"].records if HEAD_DELTA_MODULE in r.path)
+    assert "rank 16" in record.detail and "head_rank=None: the default" in record.detail
+    ids = random_ids((2, 12), seed=5)
+    assert torch.equal(logits(qm, ids), logits(qgraph.transform(model, "nf4"), ids))  # step 0 is nf4's
+    without = qgraph.transform(model, "qst-nf4", head_rank=0)
+    assert not hasattr(without.graph_module, HEAD_DELTA_MODULE)
+    assert not any(HEAD_DELTA_MODULE in r.path for r in without.report["attach_side_taps"].records)
+
+
+def test_a_classifiers_head_or_a_trained_head_gets_no_delta_unless_asked():
+    classifier = tiny_sequence_classifier("llama", num_labels=3, layers=LAYERS)
+    assert not hasattr(qgraph.transform(classifier, "qst-nf4").graph_module, HEAD_DELTA_MODULE)
+    asked = qgraph.transform(classifier, "qst-nf4", head_rank=2).graph_module.get_submodule(HEAD_DELTA_MODULE)
+    assert asked.up.shape == (3, 2)
+    untied = tiny_causal_lm("llama", layers=LAYERS, tie_word_embeddings=False)
+    assert not hasattr(qgraph.transform(untied, "qst-nf4", train_head=True).graph_module, HEAD_DELTA_MODULE)
 
 
 def test_head_rank_is_in_the_report_and_the_saved_state(tmp_path):
