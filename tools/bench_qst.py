@@ -11,7 +11,7 @@ init="pruned" (side blocks from the backbone's pruned weights), -linear / -avgpo
 -lr... another learning rate, -r8 / -r4 a wider side network (reduction 8 or 4), -stride30 one side block,
 -channel / -residual / -modulate another mix, -gate2 / -gate-2 another start of the ladder gates, -head0 without the default
 rank-16 low-rank delta on the head's logits (head_rank=0), -lrsplit-*
-one learning rate for the gates, another for the down/upsamples, another for the blocks (LR_SPLITS).
+one learning rate for the gates, another for the down/upsamples, the blocks or the head's delta (LR_SPLITS).
 
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
 with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
@@ -66,6 +66,8 @@ LR_SPLITS: dict[str, dict[str, float]] = {
     "gates0.1": {"gates": 0.1},
     "proj0.1": {"projections": 0.1},  # the down/upsamples slow: they are the widest (576 x 36) matrices
     "blocks3": {"blocks": 3.0},  # only the blocks faster (the whole network at 3x was worse: lr3e-2)
+    "delta0.1": {"head delta": 0.1},  # the head's delta slow: it moves 49152 logits directly
+    "delta3": {"head delta": 3.0},
 }
 LRSPLIT_PREFIX = "qst-nf4-lrsplit-"
 TRAINED = (*QST_VARIANTS, *(LRSPLIT_PREFIX + name for name in LR_SPLITS), "qlora", "qlora-ckpt", "lora", "full-ft")

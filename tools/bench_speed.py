@@ -250,7 +250,7 @@ QST_SPLIT = ("step", "side network", "head + loss", "optimizer", "backbone forwa
 def build_qst_split(model: torch.nn.Module, nf4_model: torch.nn.Module, dtype: torch.dtype,
                     input_ids: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Part -> a call that runs that part of a qst-nf4 training step on `input_ids` alone: the side network's
-    and the head's forward and backward replayed on the inputs they got in a real step, the optimizer step,
+    and the head's (with its low-rank delta) forward and backward replayed on the inputs they got in a real step, the optimizer step,
     the whole step; and the plain nf4 plan's forward (with its logits) for the backbone's cost without QST.
     The backbone's forward inside the step is what the step leaves when the other parts are taken out."""
     import qgraph
@@ -272,13 +272,19 @@ def build_qst_split(model: torch.nn.Module, nf4_model: torch.nn.Module, dtype: t
     head = qm.info.lm_head
     weight = get_attr_tensor(qm.graph_module, head.weight)
     bias = get_attr_tensor(qm.graph_module, head.bias) if head.bias else None
+    # the head's low-rank delta (on by default for a language model's head) is part of the head's work
+    delta = None
+    if head.delta:
+        delta_module = qm.graph_module.get_submodule(head.delta)
+        delta = (delta_module.down, delta_module.up)
     side_grad = torch.randn_like(head_input)
 
     def side_step() -> None:
         side(*side_args).backward(side_grad)
 
     def head_step() -> None:
-        linear_cross_entropy(head_input, weight, bias, input_ids, chunk_tokens=head.chunk_tokens).backward()
+        linear_cross_entropy(head_input, weight, bias, input_ids, chunk_tokens=head.chunk_tokens,
+                             delta=delta).backward()
 
     def optimizer_step() -> None:
         for param in qm.trainable_parameters():  # the step's gradients, as after a backward
