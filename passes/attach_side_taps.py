@@ -489,11 +489,11 @@ def attach_side_taps(gm: fx.GraphModule, context: PassContext, options: SideTaps
     report.records.append(_head_record(side, head, options.train_head))
     if head_rank:
         delta = gm.get_submodule(HEAD_DELTA_MODULE)
+        why = "; head_rank=None: the default for a language model's head" if options.head_rank is None else ""
         report.records.append(SiteRecord(
             f"{head.path} ({HEAD_DELTA_MODULE})", ADDED, params=delta.down.numel() + delta.up.numel(),
             bytes_after=delta.down.nbytes + delta.up.nbytes,
-            detail=f"logits + up @ (down @ h), rank {head_rank}, up from 0 (starts as the head)"
-                   + ("; head_rank=None: the default for a language model's head" if options.head_rank is None else "")))
+            detail=f"logits + up @ (down @ h), rank {head_rank}, up from 0 (starts as the head){why}"))
     report.notes.append(_init_note(options, pruned, config))
     if not masks:
         report.notes.append(f"no {MASK_INPUT} input in the graph: the side network treats every token as real")

@@ -111,14 +111,18 @@ class HFQGraphModule(QGraphModule):
         them is what the chunked loss avoids. Otherwise the logits are computed as the head would have."""
         hidden = output.logits
         if labels is not None:
-            weight, bias = self._head_parameters()
-            delta = self._head_delta()
-            output.loss = linear_cross_entropy(hidden, weight, bias, labels,
-                                               chunk_tokens=self.info.lm_head.chunk_tokens,
-                                               delta=None if delta is None else (delta.down, delta.up), **loss_kwargs)
+            output.loss = self.head_loss(hidden, labels, **loss_kwargs)
         training_step = labels is not None and self.training and torch.is_grad_enabled()
         output.logits = None if training_step else self._head_logits(hidden)
         return output
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, **loss_kwargs: Any) -> torch.Tensor:
+        """The causal-LM loss of the head that chunk_lm_loss moved out of the graph (with QST's low-rank delta
+        where there is one), taken on `hidden`, the head's input, a chunk at a time."""
+        weight, bias = self._head_parameters()
+        delta = self._head_delta()
+        return linear_cross_entropy(hidden, weight, bias, labels, chunk_tokens=self.info.lm_head.chunk_tokens,
+                                    delta=None if delta is None else (delta.down, delta.up), **loss_kwargs)
 
     def _head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         head = self.info.lm_head

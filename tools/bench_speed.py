@@ -250,12 +250,11 @@ QST_SPLIT = ("step", "side network", "head + loss", "optimizer", "backbone forwa
 def build_qst_split(model: torch.nn.Module, nf4_model: torch.nn.Module, dtype: torch.dtype,
                     input_ids: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Part -> a call that runs that part of a qst-nf4 training step on `input_ids` alone: the side network's
-    and the head's (with its low-rank delta) forward and backward replayed on the inputs they got in a real step, the optimizer step,
-    the whole step; and the plain nf4 plan's forward (with its logits) for the backbone's cost without QST.
-    The backbone's forward inside the step is what the step leaves when the other parts are taken out."""
+    and the head's (with its low-rank delta, `qm.head_loss`) forward and backward replayed on the inputs they got
+    in a real step, the optimizer step, the whole step; and the plain nf4 plan's forward (with its logits) for
+    the backbone's cost without QST. The backbone's forward inside the step is what the step leaves when the
+    other parts are taken out."""
     import qgraph
-    from qgraph.graph import get_attr_tensor
-    from qgraph.loss import linear_cross_entropy
     from qgraph.side_network import side_network
 
     qm, optimizer = build_training("qst-nf4", model, dtype)
@@ -269,22 +268,13 @@ def build_qst_split(model: torch.nn.Module, nf4_model: torch.nn.Module, dtype: t
     handle.remove()
     side_args = [a.detach() if isinstance(a, torch.Tensor) else a for a in seen["args"]]
     head_input = seen["out"].detach().requires_grad_()
-    head = qm.info.lm_head
-    weight = get_attr_tensor(qm.graph_module, head.weight)
-    bias = get_attr_tensor(qm.graph_module, head.bias) if head.bias else None
-    # the head's low-rank delta (on by default for a language model's head) is part of the head's work
-    delta = None
-    if head.delta:
-        delta_module = qm.graph_module.get_submodule(head.delta)
-        delta = (delta_module.down, delta_module.up)
     side_grad = torch.randn_like(head_input)
 
     def side_step() -> None:
         side(*side_args).backward(side_grad)
 
     def head_step() -> None:
-        linear_cross_entropy(head_input, weight, bias, input_ids, chunk_tokens=head.chunk_tokens,
-                             delta=delta).backward()
+        qm.head_loss(head_input, input_ids).backward()
 
     def optimizer_step() -> None:
         for param in qm.trainable_parameters():  # the step's gradients, as after a backward
