@@ -11,6 +11,7 @@ import qgraph
 from qgraph.export.check import (FLOOR_FACTOR, Parity, check_cases, compare, reference_logits, rounding_floor,
                                  run_in_runtime)
 from qgraph.export.program import deployable, is_finalized
+from qgraph.models import tiny_causal_lm
 from tests.conftest import make_llama
 
 
@@ -159,3 +160,21 @@ def test_only_targets_whose_files_carry_a_tokenizer_take_one():
     assert qgraph.export.tokenizer_options("gguf", tokenizer) == {"tokenizer": tokenizer}
     assert qgraph.export.tokenizer_options("onnx", tokenizer) == {}
     assert qgraph.export.tokenizer_options("gguf", None) == {}
+
+
+@pytest.mark.parametrize("name", ["model.pt2", "m.onnx"])
+def test_qsts_head_delta_reaches_the_exported_file(tmp_path, name):
+    if name.endswith(".onnx"):
+        pytest.importorskip("onnxruntime")
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "qst-nf4", head_rank=4)
+    with torch.no_grad():  # off its zero start, so that parity fails if the file lost it
+        qm.graph_module.qst_head_delta.up.normal_(generator=torch.Generator().manual_seed(0))
+    finalized = qgraph.finalize(qm)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the file is checked against the finalized module, which must still add the delta
+        torch.testing.assert_close(finalized(input_ids=ids).logits, qm(input_ids=ids).logits)
+        without_delta = qgraph.finalize(qgraph.transform(tiny_causal_lm("llama", layers=1), "qst-nf4", head_rank=0))
+        assert (finalized(input_ids=ids).logits - without_delta(input_ids=ids).logits).abs().max() > 1e-2
+    report = qgraph.export.export_report(finalized, tmp_path / name, console=Console(quiet=True))
+    # the runtime ran the file in a fresh process and its logits matched the finalized module's
+    assert report.parity.max_abs_diff <= 1e-3 and report.parity.top1_agreement == 1.0
