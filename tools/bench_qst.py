@@ -11,7 +11,8 @@ init="pruned" (side blocks from the backbone's pruned weights), -linear / -avgpo
 -lr... another learning rate, -r8 / -r4 a wider side network (reduction 8 or 4), -stride30 one side block,
 -channel / -residual / -modulate another mix, -gate2 / -gate-2 another start of the ladder gates, -head0 without the default
 rank-16 low-rank delta on the head's logits (head_rank=0), -lrsplit-*
-one learning rate for the gates, another for the down/upsamples, the blocks or the head's delta (LR_SPLITS).
+one learning rate for the gates, another for the down/upsamples, the blocks or the head's delta (LR_SPLITS);
+-upzero / -upnorm / -tapnorm / -mix0.8 ... the default module changed after it is built (STUDY_ADJUSTMENTS).
 
 Peers: PEFT + bitsandbytes QLoRA (NF4 with double quantization, LoRA r=16 on every decoder linear),
 with and without gradient checkpointing; PEFT LoRA (r=16, same sites) on the fp32 model; full
@@ -22,6 +23,7 @@ fine-tuning. Baselines without training: the unquantized model and the nf4 backb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from torch import nn
 
 from benchlib import Bench, full_finetuning, main
 from passes.attach_side_taps import HEAD_DELTA_MODULE
+from qgraph.side_network import NORM_EPS, side_network
 
 # qst-nf4 variants, each its own configuration: (the plan's options, transform(model, "qst-nf4", **options);
 # the side network's AdamW learning rate, None for SIDE_NETWORK_LR)
@@ -70,7 +73,70 @@ LR_SPLITS: dict[str, dict[str, float]] = {
     "delta3": {"head delta": 3.0},
 }
 LRSPLIT_PREFIX = "qst-nf4-lrsplit-"
-TRAINED = (*QST_VARIANTS, *(LRSPLIT_PREFIX + name for name in LR_SPLITS), "qlora", "qlora-ckpt", "lora", "full-ft")
+
+
+# Where the side network meets the head, beyond the plan's options: changes made to the default qst-nf4 module
+# (and its optimizer) after it is built, studied for issue 17 and kept out of the plan because none beat the
+# default (README, "QST quality"). Each takes (module, optimizer, the backbone's final norm weight).
+def zero_upsample(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+    """The upsample starts at 0 (weight and bias), as LoRA's B: only the mix `a` moves at first."""
+    upsample = side_network(qm).upsample
+    with torch.no_grad():
+        upsample.weight.zero_()
+        upsample.bias.zero_()
+
+
+def upsample_at_final_norm_scale(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+    """Each upsample row times the backbone's final norm weight for that feature (bias 0): the side output starts
+    at the per-feature scale of the head's input it is mixed with (SmolLM2: about 1.8, against the random
+    upsample's 0.6)."""
+    upsample = side_network(qm).upsample
+    with torch.no_grad():
+        upsample.weight.mul_(final_norm.to(upsample.weight)[:, None])
+        upsample.bias.zero_()
+
+
+def normalised_taps(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+    """Each tap RMS-normalised (no weight) before its downsample, as the backbone normalises a layer's input:
+    SmolLM2's residual stream grows from RMS ~2 to ~30 over the layers, with single channels near 24,000."""
+    side = side_network(qm)
+    for i, downsample in enumerate(side.downsamples):
+        norm = nn.RMSNorm(side.config.backbone_width, eps=NORM_EPS, elementwise_affine=False)
+        side.downsamples[i] = nn.Sequential(norm, downsample)
+
+
+def mix_schedule(ramp_steps: int, end: float) -> Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None]:
+    """The mix `a` follows a fixed schedule instead of being learned: from 1 down to `end` over `ramp_steps`
+    optimizer steps, then held, so the side network is made to carry 1 - `end` of the head's input."""
+    def apply(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+        mix = side_network(qm).mix
+        mix.requires_grad_(False)
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not mix]
+        steps = 0
+
+        def after_step(*_: object) -> None:
+            nonlocal steps
+            steps += 1
+            with torch.no_grad():
+                mix.fill_(1.0 - (1.0 - end) * min(1.0, steps / ramp_steps))
+        optimizer.register_step_post_hook(after_step)
+    return apply
+
+
+STUDY_ADJUSTMENTS: dict[str, Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None]] = {
+    "qst-nf4-upzero": zero_upsample,
+    "qst-nf4-upnorm": upsample_at_final_norm_scale,
+    "qst-nf4-tapnorm": normalised_taps,
+    "qst-nf4-mix0.8": mix_schedule(25, 0.8),  # a: 1 -> 0.8 over 25 steps (learned, it ends near 0.91 at 50)
+    "qst-nf4-mix0.5": mix_schedule(25, 0.5),
+    "qst-nf4-mix0.2": mix_schedule(25, 0.2),
+    # a held at 1: the side network never reaches the head, which leaves the head's delta alone (what the side
+    # network adds on top of it)
+    "qst-nf4-mix1": mix_schedule(1, 1.0),
+}
+TRAINED = (*QST_VARIANTS, *(LRSPLIT_PREFIX + name for name in LR_SPLITS), *STUDY_ADJUSTMENTS, "qlora", "qlora-ckpt",
+           "lora", "full-ft")
 EVAL_ONLY = ("fp", "nf4")
 CONFIGS = (*EVAL_ONLY, *TRAINED)
 PEER = "qlora"  # the paper's comparison: QST against QLoRA
@@ -84,6 +150,11 @@ def build(config: str, model: nn.Module):
 
     if config == "fp":
         return model, None
+    if config in STUDY_ADJUSTMENTS:
+        final_norm = model.base_model.norm.weight.detach().clone()  # Llama's (SmolLM2's) final RMSNorm
+        qm, optimizer = build("qst-nf4", model)
+        STUDY_ADJUSTMENTS[config](qm, optimizer, final_norm)
+        return qm, optimizer
     split = config.removeprefix(LRSPLIT_PREFIX) if config.startswith(LRSPLIT_PREFIX) else None
     if config == "nf4" or config in QST_VARIANTS or split in LR_SPLITS:
         options, lr = QST_VARIANTS.get(config, ({}, None))
