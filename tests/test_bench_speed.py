@@ -78,6 +78,22 @@ def test_qst_split_parts_run_and_the_table_takes_the_backbone_as_the_rest(dtype)
     assert "| backbone forward | 0.700 | 70% |" in table and "| side network | 0.100 | 10% |" in table
 
 
+def test_the_qst_splits_head_part_trains_the_heads_delta(monkeypatch):
+    built = {}
+
+    def build_and_keep(*args, **kwargs):
+        built["module"], optimizer = build_training(*args, **kwargs)
+        return built["module"], optimizer
+    monkeypatch.setattr(bench_speed, "build_training", build_and_keep)
+    parts = bench_speed.build_qst_split(make_llama(), make_llama(), torch.float32, random_ids((2, 16)))
+    delta = built["module"].graph_module.qst_head_delta
+    delta.zero_grad(set_to_none=True)
+    parts["head + loss"]()
+    # the real step before it moved `up` off 0, so both factors get a gradient from the head's part
+    assert delta.up.grad is not None and delta.up.grad.abs().sum() > 0
+    assert delta.down.grad is not None and delta.down.grad.abs().sum() > 0
+
+
 def test_compiled_variants_are_qgraphs_model_dtypes_and_the_table_checks_the_first_step():
     variants = bench_speed.training_variants(["lrqat-w4", "qlora"], ["fp32", "bf16", "amp-bf16"], compiled=True)
     assert variants[-2:] == [("lrqat-w4", "fp32-compiled"), ("lrqat-w4", "bf16-compiled")]  # no peer, no autocast
