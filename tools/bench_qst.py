@@ -78,6 +78,9 @@ LRSPLIT_PREFIX = "qst-nf4-lrsplit-"
 # Where the side network meets the head, beyond the plan's options: changes made to the default qst-nf4 module
 # (and its optimizer) after it is built, studied for issue 17 and kept out of the plan because none beat the
 # default (README, "QST quality"). Each takes (module, optimizer, the backbone's final norm weight).
+Adjustment = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None]
+
+
 def zero_upsample(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
     """The upsample starts at 0 (weight and bias), as LoRA's B: only the mix `a` moves at first."""
     upsample = side_network(qm).upsample
@@ -105,7 +108,7 @@ def normalised_taps(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm:
         side.downsamples[i] = nn.Sequential(norm, downsample)
 
 
-def mix_schedule(ramp_steps: int, end: float) -> Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None]:
+def mix_schedule(ramp_steps: int, end: float) -> Adjustment:
     """The mix `a` follows a fixed schedule instead of being learned: from 1 down to `end` over `ramp_steps`
     optimizer steps, then held, so the side network is made to carry 1 - `end` of the head's input."""
     def apply(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
@@ -124,7 +127,7 @@ def mix_schedule(ramp_steps: int, end: float) -> Callable[[nn.Module, torch.opti
     return apply
 
 
-STUDY_ADJUSTMENTS: dict[str, Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None]] = {
+STUDY_ADJUSTMENTS: dict[str, Adjustment] = {
     "qst-nf4-upzero": zero_upsample,
     "qst-nf4-upnorm": upsample_at_final_norm_scale,
     "qst-nf4-tapnorm": normalised_taps,
