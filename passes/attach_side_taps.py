@@ -282,8 +282,9 @@ def norm_weight(gm: fx.GraphModule, node: fx.Node, width: int) -> torch.Tensor |
     return None
 
 
-# ops that pass a tensor on unchanged in width between the final norm and the head (logits_to_keep's slice)
-PASS_THROUGH = (aten.alias.default, aten.slice.Tensor, aten.view.default, aten.clone.default)
+# ops that pass a tensor on unchanged in width between the final norm and the head (logits_to_keep's slice; the
+# detach this pass puts in front of the side network's copy of the head's input)
+PASS_THROUGH = (aten.alias.default, aten.slice.Tensor, aten.view.default, aten.clone.default, aten.detach.default)
 
 
 def final_norm_weight(gm: fx.GraphModule, head_input: fx.Node, width: int) -> torch.Tensor | None:

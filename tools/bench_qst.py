@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from benchlib import Bench, full_finetuning, main
-from passes.attach_side_taps import HEAD_DELTA_MODULE
-from qgraph.side_network import NORM_EPS, side_network
+from passes.attach_side_taps import HEAD_DELTA_MODULE, final_norm_weight
+from qgraph.side_network import NORM_EPS, SIDE_MODULE, side_network
 
 # qst-nf4 variants, each its own configuration: (the plan's options, transform(model, "qst-nf4", **options);
 # the side network's AdamW learning rate, None for SIDE_NETWORK_LR)
@@ -77,11 +77,11 @@ LRSPLIT_PREFIX = "qst-nf4-lrsplit-"
 
 # Where the side network meets the head, beyond the plan's options: changes made to the default qst-nf4 module
 # (and its optimizer) after it is built, studied for issue 17 and kept out of the plan because none beat the
-# default (README, "QST quality"). Each takes (module, optimizer, the backbone's final norm weight).
-Adjustment = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], None]
+# default (README, "QST quality"). Each takes (module, optimizer).
+Adjustment = Callable[[nn.Module, torch.optim.Optimizer], None]
 
 
-def zero_upsample(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+def zero_upsample(qm: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The upsample starts at 0 (weight and bias), as LoRA's B: only the mix `a` moves at first."""
     upsample = side_network(qm).upsample
     with torch.no_grad():
@@ -89,17 +89,28 @@ def zero_upsample(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: t
         upsample.bias.zero_()
 
 
-def upsample_at_final_norm_scale(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+def final_norm_of(qm: nn.Module) -> torch.Tensor:
+    """The backbone's final norm weight, read off the graph where the side network takes the head's input (the
+    pass's own rule, so any family whose final norm the side network can see)."""
+    side = side_network(qm)
+    call = next(node for node in qm.graph_module.graph.nodes if node.op == "call_module" and node.target == SIDE_MODULE)
+    weight = final_norm_weight(qm.graph_module, call.args[0], side.config.backbone_width)
+    if weight is None:
+        raise ValueError("the head's input has no final norm weight that the upsample could be scaled by")
+    return weight
+
+
+def upsample_at_final_norm_scale(qm: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Each upsample row times the backbone's final norm weight for that feature (bias 0): the side output starts
     at the per-feature scale of the head's input it is mixed with (SmolLM2: about 1.8, against the random
     upsample's 0.6)."""
     upsample = side_network(qm).upsample
     with torch.no_grad():
-        upsample.weight.mul_(final_norm.to(upsample.weight)[:, None])
+        upsample.weight.mul_(final_norm_of(qm).to(upsample.weight)[:, None])
         upsample.bias.zero_()
 
 
-def normalised_taps(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+def normalised_taps(qm: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Each tap RMS-normalised (no weight) before its downsample, as the backbone normalises a layer's input:
     SmolLM2's residual stream grows from RMS ~2 to ~30 over the layers, with single channels near 24,000."""
     side = side_network(qm)
@@ -111,7 +122,7 @@ def normalised_taps(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm:
 def mix_schedule(ramp_steps: int, end: float) -> Adjustment:
     """The mix `a` follows a fixed schedule instead of being learned: from 1 down to `end` over `ramp_steps`
     optimizer steps, then held, so the side network is made to carry 1 - `end` of the head's input."""
-    def apply(qm: nn.Module, optimizer: torch.optim.Optimizer, final_norm: torch.Tensor) -> None:
+    def apply(qm: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         mix = side_network(qm).mix
         mix.requires_grad_(False)
         for group in optimizer.param_groups:
@@ -154,9 +165,8 @@ def build(config: str, model: nn.Module):
     if config == "fp":
         return model, None
     if config in STUDY_ADJUSTMENTS:
-        final_norm = model.base_model.norm.weight.detach().clone()  # Llama's (SmolLM2's) final RMSNorm
         qm, optimizer = build("qst-nf4", model)
-        STUDY_ADJUSTMENTS[config](qm, optimizer, final_norm)
+        STUDY_ADJUSTMENTS[config](qm, optimizer)
         return qm, optimizer
     split = config.removeprefix(LRSPLIT_PREFIX) if config.startswith(LRSPLIT_PREFIX) else None
     if config == "nf4" or config in QST_VARIANTS or split in LR_SPLITS:
