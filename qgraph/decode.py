@@ -15,13 +15,14 @@ reads. The tie is repeated before each generation, so `qm.to(...)` or a loaded s
 
 A prompt goes through the same graph: its past is one slot of zeros that the mask hides (torch.export
 cannot keep a dimension dynamic that is 0 in use), and positions count from 0 as the uncached graph's do.
-A QST side network keeps its own cache (`SideCache`) for the duration of a generation.
+A QST side network's blocks attend to their own keys and values: they follow the model's in `past` and
+`present` (`thread_side_cache`), so a file exported from the decode graph carries them too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ from qgraph.errors import QGraphError
 from qgraph.inference_graph import InferenceGraph, inference_graph
 from qgraph.pipeline import PassContext, run_pipeline
 from qgraph.plans import CHECKPOINT_PASS
-from qgraph.side_network import SIDE_MODULE, SideCache, SideNetwork
+from qgraph.side_network import SIDE_MODULE, SideNetwork
 
+# the decode signature's arguments before the past keys and values
+DECODE_ARGUMENTS = ("input_ids", "attention_mask", "past_attention_mask", "position_ids")
 # Passes whose work only training needs: the decode graph runs without them, and finalize undoes them.
 TRAINING_ONLY_PASSES = (CHECKPOINT_PASS, "chunk_lm_loss")
 EXAMPLE_NEW, EXAMPLE_PAST = 4, 3  # > 1 and unequal, so export keeps both dims dynamic and apart
@@ -69,7 +72,8 @@ class CachedForward(nn.Module):
 
 @dataclass(frozen=True)
 class CacheShape:
-    """The model's KV cache per layer: (B, heads, tokens, head_dim) in `dtype`."""
+    """A stack of layers' keys and values, each (B, heads, tokens, head_dim) in `dtype`: the model's, or a QST side
+    network's."""
 
     layers: int
     heads: int
@@ -85,10 +89,25 @@ class CacheShape:
 @dataclass
 class DecodeGraph:
     graph_module: fx.GraphModule
-    cache: CacheShape
+    cache: CacheShape  # the model's
     example_inputs: dict[str, Any]  # by placeholder name: what a pass run on it verifies with
     seconds: float  # capture and passes
     inference: InferenceGraph | None = field(default=None, repr=False)  # made at the first generation
+    side_cache: CacheShape | None = None  # a QST side network's, after the model's in past and present
+
+    @property
+    def caches(self) -> tuple[CacheShape, ...]:
+        """Every stack of keys and values `past` holds, in its order."""
+        return (self.cache,) if self.side_cache is None else (self.cache, self.side_cache)
+
+    @property
+    def past_count(self) -> int:
+        """How many tensors `past` (and `present`) holds."""
+        return sum(2 * cache.layers for cache in self.caches)
+
+    def empty_past(self, batch: int, device: torch.device) -> list[Tensor]:
+        """The past of a prompt: one slot of zeros per key and value (hidden by past_attention_mask)."""
+        return [t for cache in self.caches for t in cache.empty(batch, device)]
 
     def inference_module(self) -> fx.GraphModule:
         """graph_module's generation-only form (qgraph.inference_graph), reading its tensors as they are now."""
@@ -156,12 +175,13 @@ def _erase_unused_constants(gm: fx.GraphModule) -> None:
                 changed = True
 
 
-def dynamic_shapes(shape: CacheShape, max_seq_len: int) -> tuple:
+def dynamic_shapes(caches: Sequence[CacheShape], max_seq_len: int) -> tuple:
     """Batch, new tokens and past tokens dynamic, in the decode signature's argument order."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
     new, past = Dim("seq", min=1, max=max_seq_len), Dim("past", min=1, max=max_seq_len)
+    count = sum(2 * cache.layers for cache in caches)
     return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: past}, {0: batch, 1: new},
-            [{0: batch, 2: past} for _ in range(2 * shape.layers)])
+            [{0: batch, 2: past} for _ in range(count)])
 
 
 def signature_args(examples: dict[str, Any]) -> tuple:
@@ -174,7 +194,7 @@ def capture_decode(model: nn.Module, max_seq_len: int) -> tuple[fx.GraphModule, 
     """The cached graph of `model` (not yet rewritten), its example inputs by placeholder, its cache shape."""
     shape = cache_shape(model)
     args = example_inputs(model, shape)
-    gm = torch.export.export(CachedForward(model), args, dynamic_shapes=dynamic_shapes(shape, max_seq_len),
+    gm = torch.export.export(CachedForward(model), args, dynamic_shapes=dynamic_shapes((shape,), max_seq_len),
                              strict=False).module()
     drop_empty_concat_inputs(gm)
     names = [node.target for node in gm.graph.find_nodes(op="placeholder")]
@@ -194,7 +214,53 @@ def build_decode_graph(model: nn.Module, steps: Sequence[tuple[Any, Any]], made:
         model.train(was_training)
     decode_steps = [(spec, options) for spec, options in steps if spec.name not in TRAINING_ONLY_PASSES]
     gm, _ = run_pipeline(gm, decode_steps, PassContext(example_inputs=examples, made=made), skip=skip)
-    return DecodeGraph(gm, shape, examples, time.perf_counter() - start)
+    side_cache = thread_side_cache(gm, examples)
+    return DecodeGraph(gm, shape, examples, time.perf_counter() - start, side_cache=side_cache)
+
+
+def thread_side_cache(gm: fx.GraphModule, examples: dict[str, Any]) -> CacheShape | None:
+    """Give a QST side network's call (attach_side_taps') its blocks' keys and values as the graph's own inputs
+    and outputs, after the model's: past_2L, ... in, present_2L, ... out, under past_attention_mask as the
+    model's are. Adds their example inputs to `examples`. Returns the side network's cache shape, or None (and
+    changes nothing) when the graph calls no side network.
+
+    Explicit rather than kept by the module between calls, so that every target that exports the decode graph
+    carries the side network's cache with the model's, and nothing outlives a generation."""
+    calls = gm.graph.find_nodes(op="call_module", target=SIDE_MODULE)
+    if not calls:
+        return None
+    (call,) = calls
+    side: SideNetwork = gm.get_submodule(SIDE_MODULE)
+    shape = CacheShape(side.config.blocks, side.config.heads, side.config.head_dim, side.effective_dtype())
+    graph = gm.graph
+    placeholders = {node.target: node for node in graph.find_nodes(op="placeholder")}
+    first = len(placeholders) - len(DECODE_ARGUMENTS)  # the model's past_0 ... past_(2L-1) come first
+    past, previous = [], list(placeholders.values())[-1]
+    generator = torch.Generator().manual_seed(1)
+    for index in range(first, first + 2 * shape.layers):
+        with graph.inserting_after(previous):
+            previous = graph.placeholder(f"past_{index}")
+        past.append(previous)
+        examples[previous.target] = torch.randn(EXAMPLE_BATCH, shape.heads, EXAMPLE_PAST, shape.head_dim,
+                                                generator=generator).to(shape.dtype)
+    users = list(call.users)
+    call.kwargs = {**call.kwargs, "past_attention_mask": placeholders["past_attention_mask"], "past": past}
+    outputs, previous = [], call
+    for index in range(1 + len(past)):  # (the head's input, *present)
+        with graph.inserting_after(previous):
+            previous = graph.call_function(operator.getitem, (call, index))
+        outputs.append(previous)
+    for user in users:
+        user.replace_input_with(call, outputs[0])
+    output = graph.output_node()
+    output.args = ((*output.args[0], *outputs[1:]),)
+    count = len(placeholders) - len(DECODE_ARGUMENTS) + len(past)
+    graph._codegen.pytree_info = graph._codegen.pytree_info._replace(
+        in_spec=pytree.tree_flatten(((0,) * len(DECODE_ARGUMENTS) + ([0] * count,), {}))[1],
+        out_spec=pytree.tree_flatten((0,) * len(output.args[0]))[1])
+    graph.lint()
+    gm.recompile()
+    return shape
 
 
 def stand_in(tensor: Tensor) -> Tensor:
@@ -300,15 +366,12 @@ class DecodeSession:
         self.past: list[Tensor] = []
         self.past_mask: Tensor | None = None
         self.length = 0  # tokens so far, padding included: positions count them, as the uncached graph's do
-        side = getattr(decode.graph_module, SIDE_MODULE, None)
-        self.side = side if isinstance(side, SideNetwork) else None
-        self.side_cache = SideCache()
 
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         batch, device = input_ids.shape[0], input_ids.device
-        self.past = self.graph.cache.empty(batch, device)
+        self.past = self.graph.empty_past(batch, device)
         self.past_mask = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.length, self.side_cache = 0, SideCache()
+        self.length = 0
         return self._run(input_ids, attention_mask)
 
     def step(self, tokens: Tensor) -> Tensor:
@@ -319,9 +382,7 @@ class DecodeSession:
     def _run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         new = input_ids.shape[1]
         positions = torch.arange(self.length, self.length + new, device=input_ids.device).expand(len(input_ids), -1)
-        side_cache = self.side.decoding(self.side_cache) if self.side is not None else contextlib.nullcontext()
-        with side_cache:
-            logits, *self.past = self.run(input_ids, attention_mask, self.past_mask, positions, self.past)
+        logits, *self.past = self.run(input_ids, attention_mask, self.past_mask, positions, self.past)
         self.past_mask = torch.cat([self.past_mask, attention_mask], dim=1)
         self.length += new
         return logits[:, -1]

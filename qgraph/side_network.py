@@ -18,8 +18,7 @@ backbone's family, so one side network serves Llama, Qwen2, Mistral and GPT-2 ba
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -134,22 +133,8 @@ def rotate(x: Tensor, rotary: Rotary) -> Tensor:
     return rotary_reference(x, rotary.cos, rotary.sin)
 
 
-@dataclass
-class SideCache:
-    """What a decoding side network keeps between calls (qgraph.decode): the attention mask of every token
-    it has read, and each block's rotated keys and values, (B, heads, tokens, head_dim)."""
-
-    mask: Tensor | None = None
-    keys: dict[int, Tensor] = field(default_factory=dict)
-    values: dict[int, Tensor] = field(default_factory=dict)
-
-    def extend(self, block: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """The block's keys and values so far with the new ones appended (and kept)."""
-        if block in self.keys:
-            keys = torch.cat([self.keys[block], keys], dim=2)
-            values = torch.cat([self.values[block], values], dim=2)
-        self.keys[block], self.values[block] = keys, values
-        return keys, values
+# one block's keys and values, each (B, heads, tokens, head_dim)
+KeysValues = tuple[Tensor, Tensor]
 
 
 class SideAttention(nn.Module):
@@ -159,14 +144,15 @@ class SideAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor, cache: SideCache | None = None,
-                block: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor, past: KeysValues | None = None
+                ) -> tuple[Tensor, KeysValues]:
+        """(output, the keys and values it attended to): `past`'s, when given, followed by those of x's tokens."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, rotary), rotate(k, rotary)
-        if cache is not None:
-            k, v = cache.extend(block, k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.out(y.transpose(1, 2).flatten(-2))
+        return self.out(y.transpose(1, 2).flatten(-2)), (k, v)
 
 
 class SideMLP(nn.Module):
@@ -196,10 +182,11 @@ class SideBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.width, eps=NORM_EPS)
         self.mlp = SideMLP(config.width, config.ffn_width)
 
-    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor, cache: SideCache | None = None,
-                block: int = 0) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, allowed, cache, block)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, rotary: Rotary, allowed: Tensor, past: KeysValues | None = None
+                ) -> tuple[Tensor, KeysValues]:
+        attended, present = self.attn(self.attn_norm(x), rotary, allowed, past)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), present
 
 
 # --- masks and positions ---------------------------------------------------------------------------------
@@ -265,62 +252,70 @@ class SideNetwork(nn.Module):
             self.mix = nn.Parameter(torch.ones(() if config.mix != "channel" else config.backbone_width))
         if config.mix == "modulate":
             self.modulation = zero_linear(nn.Linear(config.width, config.backbone_width))
-        self._cache: SideCache | None = None  # set only while decoding (see `decoding`)
-
-    @contextlib.contextmanager
-    def decoding(self, cache: SideCache) -> Iterator[None]:
-        """Calls inside read the tokens before theirs from `cache` and add theirs to it: a KV-cached decode
-        step gives the side network the new tokens' taps and mask only (qgraph.decode)."""
-        self._cache = cache
-        try:
-            yield
-        finally:
-            self._cache = None
 
     def side_output(self, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
         """upsample(norm(h_gN)) from the backbone's taps (B, T, d), in the network's compute dtype."""
-        return self._side_outputs(attention_mask, *taps)[0]
+        return self._side_outputs(attention_mask, taps)[0]
 
-    def _side_outputs(self, attention_mask: Tensor | None, *taps: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(upsample(norm(h_gN)), modulation(norm(h_gN)) or None), in the network's compute dtype."""
+    def _side_outputs(self, attention_mask: Tensor | None, taps: tuple[Tensor, ...],
+                      past: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        """(upsample(norm(h_gN)), modulation(norm(h_gN)) or None, every block's keys and values [k_0, v_0, ...]),
+        in the network's compute dtype."""
         if len(taps) != self.config.blocks + 1:
             raise ValueError(f"the side network reads {self.config.blocks + 1} taps, got {len(taps)}")
-        dtype = self.compute_dtype or self.upsample.weight.dtype
+        dtype = self.effective_dtype()
         with self._autocast(dtype, taps[0].device):
-            state = self._side_state(attention_mask, dtype, *taps)
+            state, present = self._side_state(attention_mask, dtype, taps, past)
             modulation = self.modulation(state) if self.config.mix == "modulate" else None
-            return self.upsample(state), modulation
+            return self.upsample(state), modulation, present
 
     def _autocast(self, dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
         if dtype == self.upsample.weight.dtype:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    def _side_state(self, attention_mask: Tensor | None, dtype: torch.dtype, *taps: Tensor) -> Tensor:
+    def _side_state(self, attention_mask: Tensor | None, dtype: torch.dtype, taps: tuple[Tensor, ...],
+                    past: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
+        """(norm(h_gN), [k_0, v_0, k_1, v_1, ...]). attention_mask covers the past's tokens and then the taps'."""
+        new = taps[0].shape[1]
         if attention_mask is None:
             attention_mask = torch.ones(taps[0].shape[:2], dtype=torch.long, device=taps[0].device)
-        cache, new = self._cache, taps[0].shape[1]
-        if cache is not None:  # the new tokens' rows of the whole sequence's positions and mask
-            attention_mask = attention_mask if cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
-            cache.mask = attention_mask
+        # the new tokens' rows of the whole sequence's positions and mask
         rotary = rotary_tables(positions_from_mask(attention_mask)[:, -new:], self.config.head_dim, dtype)
         allowed = attention_allowed(attention_mask)[:, :, -new:]
         h = self.downsamples[0](taps[0].to(dtype))
         gates = torch.sigmoid(self.gates)
+        present: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             down = self.downsamples[i + 1](taps[i + 1].to(dtype))
-            h = (1 - gates[i]) * down + gates[i] * block(h, rotary, allowed, cache, i)
-        return self.norm(h)
+            out, keys_values = block(h, rotary, allowed, None if past is None else (past[2 * i], past[2 * i + 1]))
+            h = (1 - gates[i]) * down + gates[i] * out
+            present += keys_values
+        return self.norm(h), present
 
-    def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor) -> Tensor:
-        side, modulation = self._side_outputs(attention_mask, *taps)
+    def effective_dtype(self) -> torch.dtype:
+        """The dtype it computes in, its keys and values' too: compute_dtype, else its parameters'."""
+        return self.compute_dtype or self.upsample.weight.dtype
+
+    def forward(self, head_input: Tensor, attention_mask: Tensor | None, *taps: Tensor,
+                past_attention_mask: Tensor | None = None, past: list[Tensor] | None = None
+                ) -> Tensor | tuple[Tensor, ...]:
+        """The head's new input; with `past` (a KV-cached decode step, qgraph.decode), (the head's new input,
+        *present): past holds every block's keys and values of the tokens before these, [k_0, v_0, k_1, ...]
+        (B, heads, P, head_dim), past_attention_mask (B, P) their mask, and present the same with these tokens
+        appended (P + T)."""
+        if past is not None:
+            attention_mask = torch.cat([past_attention_mask, attention_mask], 1)
+        side, modulation, present = self._side_outputs(attention_mask, taps, past)
         side = side.to(head_input.dtype)
         if self.config.mix == "residual":
-            return head_input + side
-        mixed = self.mix * head_input + (1 - self.mix) * side
-        if modulation is not None:
-            mixed = mixed + head_input * modulation.to(head_input.dtype)
-        return mixed.to(head_input.dtype)
+            mixed = head_input + side
+        else:
+            mixed = self.mix * head_input + (1 - self.mix) * side
+            if modulation is not None:
+                mixed = mixed + head_input * modulation.to(head_input.dtype)
+            mixed = mixed.to(head_input.dtype)
+        return mixed if past is None else (mixed, *present)
 
 
 def side_network(qm: nn.Module) -> SideNetwork:

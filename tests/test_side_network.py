@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qgraph.side_network import (
-    DOWNSAMPLE_KINDS, MIX_KINDS, SideCache, SideConfig, SideNetwork, attention_allowed, positions_from_mask,
+    DOWNSAMPLE_KINDS, MIX_KINDS, SideConfig, SideNetwork, attention_allowed, positions_from_mask,
     rotary_tables, rotate,
 )
 
@@ -68,7 +68,7 @@ def test_channel_gates_and_modulation_act_per_feature(mix):
         side.mix.uniform_(0.2, 0.8)
         if mix == "modulate":
             torch.nn.init.normal_(side.modulation.weight)
-        up, modulation = side._side_outputs(mask, *taps())
+        up, modulation, _ = side._side_outputs(mask, tuple(taps()))
         expected = side.mix * head + (1 - side.mix) * up + (head * modulation if mix == "modulate" else 0)
         torch.testing.assert_close(side(head, mask, *taps()), expected)
     assert side.mix.shape == ((D,) if mix == "channel" else ())
@@ -110,22 +110,29 @@ def test_left_padding_does_not_change_real_tokens():
 
 
 @pytest.mark.parametrize("splits", [(4, 1, 1, 1), (1, 1, 1, 1, 1, 1, 1), (6, 1)])
-def test_decoding_with_a_cache_gives_the_new_rows_of_the_whole_sequence(splits):
+def test_decoding_with_past_keys_and_values_gives_the_new_rows_of_the_whole_sequence(splits):
+    """Fed its own present back as past (after a hidden zero slot, as qgraph.decode starts a prompt), the side
+    network computes each chunk's rows of the whole sequence's output."""
     torch.manual_seed(0)
     side = SideNetwork(config())
-    whole = taps(shape=(2, 7), seed=2)
+    whole, head = taps(shape=(2, 7), seed=2), torch.randn(2, 7, D)
+    with torch.no_grad():
+        side.mix.fill_(0.5)  # the output then depends on the side network's
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :2] = 0  # left padding in the prompt
+    head_dim = config().head_dim
     with torch.no_grad():
-        expected = side.side_output(mask, *whole)
-        cache, rows, start = SideCache(), [], 0
-        with side.decoding(cache):
-            for size in splits:
-                rows.append(side.side_output(mask[:, start:start + size], *(t[:, start:start + size] for t in whole)))
-                start += size
+        expected = side(head, mask, *whole)
+        past = [torch.zeros(2, 2, 1, head_dim) for _ in range(2 * config().blocks)]
+        past_mask, rows, start = torch.zeros(2, 1, dtype=torch.long), [], 0
+        for size in splits:
+            chunk = slice(start, start + size)
+            row, *past = side(head[:, chunk], mask[:, chunk], *(t[:, chunk] for t in whole),
+                              past_attention_mask=past_mask, past=past)
+            rows.append(row)
+            past_mask, start = torch.cat([past_mask, mask[:, chunk]], 1), start + size
     torch.testing.assert_close(torch.cat(rows, dim=1), expected, rtol=1e-5, atol=1e-5)
-    assert cache.keys[0].shape == (2, 2, 7, config().head_dim) and torch.equal(cache.mask, mask)
-    assert side._cache is None  # only inside `decoding`
+    assert len(past) == 2 * config().blocks and past[0].shape == (2, 2, 1 + 7, head_dim)
 
 
 def test_mask_and_positions():

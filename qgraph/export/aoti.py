@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from qgraph.export import ExportJob
 
 PACKAGE_SUFFIX = ".pt2"  # aoti_compile_and_package writes nothing else
-CACHE_FLAG = "--cache"  # the runner's: layers,heads,head_dim,dtype of a decode package's KV cache
+# the runner's: layers,heads,head_dim,dtype of each stack of a decode package's KV cache (the model's, then a
+# QST side network's), joined by ";"
+CACHE_FLAG = "--cache"
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,9 @@ def write(job: ExportJob) -> Artifact:
     notes = [f"AOTInductor compile: {seconds:.1f}s"]
     runner_args = []
     if decode:  # a package does not show its inputs' shapes: the runner is told the cache's
-        cache = job.module.decode_graph.cache
         notes.append(DECODE_NOTE)
-        runner_args = [CACHE_FLAG, f"{cache.layers},{cache.heads},{cache.head_dim},{str(cache.dtype).removeprefix('torch.')}"]
+        runner_args = [CACHE_FLAG, ";".join(f"{c.layers},{c.heads},{c.head_dim},{str(c.dtype).removeprefix('torch.')}"
+                                            for c in job.module.decode_graph.caches)]
     return Artifact(op_mapping=op_mapping(job.module.graph_module.graph), notes=notes, runner_args=runner_args)
 
 

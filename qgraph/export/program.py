@@ -11,14 +11,14 @@ from torch import nn
 from torch.export import Dim
 
 from qgraph.capture import MAX_BATCH
+from qgraph.decode import DECODE_ARGUMENTS
 from qgraph.errors import ExportError
 from qgraph.finalize import FOLD_PASS, finalize
 from qgraph.module import QGraphModule
-from qgraph.side_network import SIDE_MODULE
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 # the KV-cache signature's (qgraph.decode) inputs before the past keys and values
-DECODE_INPUT_NAMES = (*INPUT_NAMES, "past_attention_mask", "position_ids")
+DECODE_INPUT_NAMES = DECODE_ARGUMENTS
 DECODE_NOTE = "decode: the file takes and returns the KV cache (qgraph.decode's signature)"
 
 
@@ -85,14 +85,12 @@ def decode_unsupported(module: QGraphModule) -> str | None:
     """Why `module` has no exportable KV-cache signature (a target's decode=True), or None."""
     if module.decode_graph is None:
         return "decode=True needs the module's KV-cached decode graph, which this one lacks; transform with kv_cache=True"
-    if hasattr(module.decode_graph.graph_module, SIDE_MODULE):
-        return ("decode=True: a QST side network keeps its own cache outside the decode graph, so the file could "
-                "not carry it; export without decode")
     return None
 
 
 def decode_names(module: QGraphModule) -> tuple[list[str], list[str]]:
-    """The decode signature's flat input and output names: ..., past_0, past_1, ... in; logits, present_0, ... out."""
-    count = 2 * module.decode_graph.cache.layers
+    """The decode signature's flat input and output names: ..., past_0, past_1, ... in; logits, present_0, ... out
+    (the model's keys and values, then a QST side network's)."""
+    count = module.decode_graph.past_count
     return ([*DECODE_INPUT_NAMES, *(f"past_{i}" for i in range(count))],
             ["logits", *(f"present_{i}" for i in range(count))])

@@ -51,7 +51,7 @@ class Pt2Options:
 
 def unsupported(module: QGraphModule, options: Pt2Options) -> str | None:
     """Every plan fits (each qgraph op a finalized graph holds has an aten decomposition); decode=True needs the
-    module's decode graph, without a QST side network (its cache lives outside the graph)."""
+    module's decode graph."""
     if options.decode and options.keep_ops:
         return "decode=True writes the aten program; keep_ops=True applies to the logits program only: drop one"
     return decode_unsupported(module) if options.decode else None
@@ -83,7 +83,7 @@ def decode_program(module: QGraphModule) -> torch.export.ExportedProgram:
     dynamic."""
     decode = module.tied_decode_graph()
     exported = torch.export.export(decompose_qgraph_ops(decode.graph_module), signature_args(decode.example_inputs),
-                                   dynamic_shapes=decode_dynamic_shapes(decode.cache, module.info.max_seq_len),
+                                   dynamic_shapes=decode_dynamic_shapes(decode.caches, module.info.max_seq_len),
                                    strict=False)
     check_decomposed(exported)
     drop_stack_traces(exported)

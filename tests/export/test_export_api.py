@@ -12,6 +12,7 @@ from qgraph.export.check import (FLOOR_FACTOR, Parity, check_cases, compare, ref
                                  run_in_runtime)
 from qgraph.export.program import deployable, is_finalized
 from qgraph.models import tiny_causal_lm
+from qgraph.side_network import side_network
 from tests.conftest import make_llama
 
 
@@ -178,3 +179,30 @@ def test_qsts_head_delta_reaches_the_exported_file(tmp_path, name):
     report = qgraph.export.export_report(finalized, tmp_path / name, console=Console(quiet=True))
     # the runtime ran the file in a fresh process and its logits matched the finalized module's
     assert report.parity.max_abs_diff <= 1e-3 and report.parity.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("name, format", [("model.pt2", "pt2"), ("m.onnx", "onnx"),
+                                          pytest.param("package.pt2", "aoti", marks=pytest.mark.slow)])
+def test_a_qst_decode_file_carries_the_side_networks_cache(tmp_path, name, format):
+    """The side network's blocks keep keys and values of their own: a decode file takes and returns them after
+    the model's, and generates in a fresh process the tokens qm.generate does."""
+    if format == "onnx":
+        pytest.importorskip("onnxruntime")
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), "qst-nf4")
+    with torch.no_grad():  # the head reads half the side network's output, so a file without its cache fails
+        side_network(qm).mix.fill_(0.5)
+    finalized = qgraph.finalize(qm)
+    report = qgraph.export.export_report(finalized, tmp_path / name, format=format, decode=True,
+                                         console=Console(quiet=True))
+    target = qgraph.export.get_target(format)
+    cases = check_cases(int(finalized.info.config.vocab_size))
+    result = run_in_runtime(target.runner_path, report.path, cases,
+                            extra_args=[*report.runtime.runner_args, "--generate", "16"])
+    backbone = qgraph.finalize(qgraph.transform(tiny_causal_lm("llama", layers=2), "nf4"))
+    for case, tokens in zip(cases, result.tokens):
+        generate = {"attention_mask": case.attention_mask, "max_new_tokens": 16, "fused_kernels": False}
+        expected = finalized.generate(case.input_ids, **generate)[:, case.input_ids.shape[1]:]
+        assert torch.equal(torch.from_numpy(tokens), expected)
+        assert not torch.equal(backbone.generate(case.input_ids, **generate)[:, case.input_ids.shape[1]:], expected)
+    side = finalized.decode_graph.side_cache
+    assert finalized.decode_graph.past_count == 2 * 2 + 2 * side.layers and side.heads == side_network(qm).config.heads

@@ -190,9 +190,7 @@ def test_a_decode_file_generates_the_tokens_qm_generates_in_a_fresh_process(tmp_
     assert op_namespaces(program.graph) == {"aten"}
 
 
-def test_decode_needs_a_decode_graph_without_a_side_network():
-    qst = qgraph.transform(tiny_causal_lm("llama", layers=1), "qst-nf4")
-    assert "side network keeps its own cache" in TARGET.unsupported(qst, Pt2Options(decode=True))
+def test_decode_needs_a_decode_graph():
     bare = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4", kv_cache=False)
     assert "kv_cache=True" in TARGET.unsupported(bare, Pt2Options(decode=True))
     assert TARGET.unsupported(bare, Pt2Options()) is None

@@ -32,9 +32,12 @@ class Program:
 def past_shapes(extra: list[str]) -> list[tuple[int, int, np.dtype]]:
     if CACHE_FLAG not in extra:
         return []
-    layers, heads, head_dim, dtype = extra[extra.index(CACHE_FLAG) + 1].split(",")
-    numpy_dtype = torch.empty(0, dtype=getattr(torch, dtype)).numpy().dtype
-    return [(int(heads), int(head_dim), numpy_dtype)] * (2 * int(layers))
+    shapes = []
+    for stack in extra[extra.index(CACHE_FLAG) + 1].split(";"):  # the model's, then a QST side network's
+        layers, heads, head_dim, dtype = stack.split(",")
+        numpy_dtype = torch.empty(0, dtype=getattr(torch, dtype)).numpy().dtype
+        shapes += [(int(heads), int(head_dim), numpy_dtype)] * (2 * int(layers))
+    return shapes
 
 
 def load(path: str, extra: list[str]) -> Program:
