@@ -6,6 +6,9 @@ explicit inputs and outputs:
     decode(input_ids (B, T), attention_mask (B, T), past_attention_mask (B, P), position_ids (B, T),
            past [k_0, v_0, k_1, v_1, ...] (B, kv_heads, P, head_dim)) -> (logits (B, T, V), present k/v (P + T))
 
+(a QST side network's blocks' keys and values follow the model's in past and present, each (B, side heads, P,
+side head_dim)).
+
 `transform` keeps a `DecodeRecipe` and the graph is built at the first generate: captured from a stand-in of
 the model (every tensor zero-stride, so the recipe keeps no weight alive), rewritten by the plan's passes
 (not the training-only ones: no checkpoints, the head stays in the graph) with stand-ins of what the
@@ -89,7 +92,7 @@ class CacheShape:
 @dataclass
 class DecodeGraph:
     graph_module: fx.GraphModule
-    cache: CacheShape  # the model's
+    model_cache: CacheShape
     example_inputs: dict[str, Any]  # by placeholder name: what a pass run on it verifies with
     seconds: float  # capture and passes
     inference: InferenceGraph | None = field(default=None, repr=False)  # made at the first generation
@@ -98,7 +101,7 @@ class DecodeGraph:
     @property
     def caches(self) -> tuple[CacheShape, ...]:
         """Every stack of keys and values `past` holds, in its order."""
-        return (self.cache,) if self.side_cache is None else (self.cache, self.side_cache)
+        return (self.model_cache,) if self.side_cache is None else (self.model_cache, self.side_cache)
 
     @property
     def past_count(self) -> int:
@@ -106,7 +109,7 @@ class DecodeGraph:
         return sum(2 * cache.layers for cache in self.caches)
 
     def empty_past(self, batch: int, device: torch.device) -> list[Tensor]:
-        """The past of a prompt: one slot of zeros per key and value (hidden by past_attention_mask)."""
+        """The past of a prompt, every stack's `CacheShape.empty` in order."""
         return [t for cache in self.caches for t in cache.empty(batch, device)]
 
     def inference_module(self) -> fx.GraphModule:
@@ -175,26 +178,26 @@ def _erase_unused_constants(gm: fx.GraphModule) -> None:
                 changed = True
 
 
-def dynamic_shapes(caches: Sequence[CacheShape], max_seq_len: int) -> tuple:
-    """Batch, new tokens and past tokens dynamic, in the decode signature's argument order."""
+def dynamic_shapes(past_count: int, max_seq_len: int) -> tuple:
+    """Batch, new tokens and past tokens dynamic, in the decode signature's argument order (`past_count` past
+    keys and values)."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
     new, past = Dim("seq", min=1, max=max_seq_len), Dim("past", min=1, max=max_seq_len)
-    count = sum(2 * cache.layers for cache in caches)
     return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: past}, {0: batch, 1: new},
-            [{0: batch, 2: past} for _ in range(count)])
+            [{0: batch, 2: past} for _ in range(past_count)])
 
 
 def signature_args(examples: dict[str, Any]) -> tuple:
     """The decode signature's arguments from inputs by placeholder name (past_0, past_1, ... into one list)."""
     values = list(examples.values())
-    return (*values[:4], values[4:])
+    return (*values[:len(DECODE_ARGUMENTS)], values[len(DECODE_ARGUMENTS):])
 
 
 def capture_decode(model: nn.Module, max_seq_len: int) -> tuple[fx.GraphModule, dict[str, Any], CacheShape]:
     """The cached graph of `model` (not yet rewritten), its example inputs by placeholder, its cache shape."""
     shape = cache_shape(model)
     args = example_inputs(model, shape)
-    gm = torch.export.export(CachedForward(model), args, dynamic_shapes=dynamic_shapes((shape,), max_seq_len),
+    gm = torch.export.export(CachedForward(model), args, dynamic_shapes=dynamic_shapes(2 * shape.layers, max_seq_len),
                              strict=False).module()
     drop_empty_concat_inputs(gm)
     names = [node.target for node in gm.graph.find_nodes(op="placeholder")]
@@ -225,24 +228,29 @@ def thread_side_cache(gm: fx.GraphModule, examples: dict[str, Any]) -> CacheShap
     changes nothing) when the graph calls no side network.
 
     Explicit rather than kept by the module between calls, so that every target that exports the decode graph
-    carries the side network's cache with the model's, and nothing outlives a generation."""
+    carries the side network's cache with the model's, and nothing outlives a generation. Like the model's, its
+    dtype is fixed here (the side network's compute dtype)."""
     calls = gm.graph.find_nodes(op="call_module", target=SIDE_MODULE)
     if not calls:
         return None
     (call,) = calls
+    if "past" in call.kwargs:
+        raise QGraphError("thread_side_cache: this decode graph's side network already reads its cache")
     side: SideNetwork = gm.get_submodule(SIDE_MODULE)
     shape = CacheShape(side.config.blocks, side.config.heads, side.config.head_dim, side.effective_dtype())
     graph = gm.graph
     placeholders = {node.target: node for node in graph.find_nodes(op="placeholder")}
-    first = len(placeholders) - len(DECODE_ARGUMENTS)  # the model's past_0 ... past_(2L-1) come first
+    model_past = len(placeholders) - len(DECODE_ARGUMENTS)  # past_0 ... past_(2L-1), the model's, come first
     past, previous = [], list(placeholders.values())[-1]
+    device = examples["past_0"].device
+    # seed 1: drawn apart from the model's past (seed 0), so that no pass or check mistakes one for the other
     generator = torch.Generator().manual_seed(1)
-    for index in range(first, first + 2 * shape.layers):
+    for index in range(model_past, model_past + 2 * shape.layers):
         with graph.inserting_after(previous):
             previous = graph.placeholder(f"past_{index}")
         past.append(previous)
         examples[previous.target] = torch.randn(EXAMPLE_BATCH, shape.heads, EXAMPLE_PAST, shape.head_dim,
-                                                generator=generator).to(shape.dtype)
+                                                generator=generator).to(device, shape.dtype)
     users = list(call.users)
     call.kwargs = {**call.kwargs, "past_attention_mask": placeholders["past_attention_mask"], "past": past}
     outputs, previous = [], call
@@ -254,10 +262,10 @@ def thread_side_cache(gm: fx.GraphModule, examples: dict[str, Any]) -> CacheShap
         user.replace_input_with(call, outputs[0])
     output = graph.output_node()
     output.args = ((*output.args[0], *outputs[1:]),)
-    count = len(placeholders) - len(DECODE_ARGUMENTS) + len(past)
+    # the call's argument checks (export's _guards_fn) still see the model's inputs only
     graph._codegen.pytree_info = graph._codegen.pytree_info._replace(
-        in_spec=pytree.tree_flatten(((0,) * len(DECODE_ARGUMENTS) + ([0] * count,), {}))[1],
-        out_spec=pytree.tree_flatten((0,) * len(output.args[0]))[1])
+        in_spec=pytree.tree_structure((signature_args(examples), {})),
+        out_spec=pytree.tree_structure(tuple(output.args[0])))
     graph.lint()
     gm.recompile()
     return shape

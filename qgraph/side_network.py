@@ -197,17 +197,20 @@ def positions_from_mask(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def attention_allowed(mask: Tensor) -> Tensor:
-    """(B, 1, T, T) bool: query t sees key s <= t that is a real token, and always itself.
+def attention_allowed(mask: Tensor, queries: int | None = None) -> Tensor:
+    """(B, 1, Q, T) bool for the last Q = `queries` tokens of the T that `mask` covers (all of them by default):
+    query t sees key s <= t that is a real token, and always itself.
 
     Seeing itself keeps a padding query's row from being all-masked, which would make softmax NaN
-    and carry the NaN into later layers through the values of that position.
+    and carry the NaN into later layers through the values of that position. Only the queries' rows are
+    formed: a decode step's one token costs a row of the mask, not the whole sequence's square.
     """
     seq = mask.shape[-1]
-    index = torch.arange(seq, device=mask.device)
-    causal = index[None, :] <= index[:, None]
+    keys = torch.arange(seq, device=mask.device)
+    rows = keys if queries is None else keys[seq - queries:]
+    causal = keys[None, :] <= rows[:, None]
     allowed = causal[None] & mask.bool()[:, None, :]
-    return (allowed | torch.eye(seq, dtype=torch.bool, device=mask.device)[None])[:, None]
+    return (allowed | (keys[None, :] == rows[:, None])[None])[:, None]
 
 
 # --- the network -------------------------------------------------------------------------------------------
@@ -222,7 +225,8 @@ def zero_linear(linear: nn.Linear) -> nn.Linear:
 
 
 class SideNetwork(nn.Module):
-    """forward(head_input, attention_mask, h_f0, ..., h_fN) -> the head's new input.
+    """forward(head_input, attention_mask, h_f0, ..., h_fN) -> the head's new input; a KV-cached decode step
+    passes past_attention_mask= and past= too, and gets (the head's new input, *present) (see forward).
 
     mix="gate" (the paper's): `a` starts at 1, so at step 0 the output is head_input exactly (1 * h + 0 * anything
     == h for finite values): the transformed model starts as the backbone, as the paper intends. With a = 1
@@ -282,7 +286,7 @@ class SideNetwork(nn.Module):
             attention_mask = torch.ones(taps[0].shape[:2], dtype=torch.long, device=taps[0].device)
         # the new tokens' rows of the whole sequence's positions and mask
         rotary = rotary_tables(positions_from_mask(attention_mask)[:, -new:], self.config.head_dim, dtype)
-        allowed = attention_allowed(attention_mask)[:, :, -new:]
+        allowed = attention_allowed(attention_mask, new)
         h = self.downsamples[0](taps[0].to(dtype))
         gates = torch.sigmoid(self.gates)
         present: list[Tensor] = []
@@ -305,6 +309,9 @@ class SideNetwork(nn.Module):
         (B, heads, P, head_dim), past_attention_mask (B, P) their mask, and present the same with these tokens
         appended (P + T)."""
         if past is not None:
+            if past_attention_mask is None or attention_mask is None:
+                raise ValueError("past keys and values need past_attention_mask and attention_mask: the mask of "
+                                 "the tokens before these, and of these")
             attention_mask = torch.cat([past_attention_mask, attention_mask], 1)
         side, modulation, present = self._side_outputs(attention_mask, taps, past)
         side = side.to(head_input.dtype)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qgraph
-from qgraph.decode import DecodeSession
+from qgraph.decode import EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST, DecodeSession, signature_args, thread_side_cache
 from qgraph.errors import QGraphError
 from qgraph.generate import RecomputeSession
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
@@ -99,6 +99,27 @@ def test_the_side_network_is_in_the_cached_loop(trained):
     prompt = random_ids((2, 6), seed=2)
     backbone = qgraph.transform(tiny_causal_lm("llama", layers=2), "nf4")
     assert not torch.equal(qm.generate(prompt, max_new_tokens=10), backbone.generate(prompt, max_new_tokens=10))
+
+
+def test_a_graph_without_a_side_network_keeps_its_signature():
+    decode = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4").decode_graph
+    before, examples = str(decode.graph_module.graph), dict(decode.example_inputs)
+    assert thread_side_cache(decode.graph_module, examples) is None
+    assert str(decode.graph_module.graph) == before and examples == decode.example_inputs
+    assert decode.side_cache is None and decode.past_count == 2
+
+
+def test_the_side_networks_keys_and_values_are_the_decode_graphs_inputs_and_outputs():
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), "qst-nf4")
+    decode, config = qm.decode_graph, side_network(qm).config
+    names = [node.target for node in decode.graph_module.graph.find_nodes(op="placeholder")]
+    assert names[4:] == [f"past_{i}" for i in range(4 + 2 * config.blocks)]  # the model's 2 layers', then the side's
+    with torch.no_grad():
+        logits, *present = decode.graph_module(*signature_args(decode.example_inputs))
+    assert len(present) == decode.past_count and logits.shape[:2] == (EXAMPLE_BATCH, EXAMPLE_NEW)
+    assert present[4].shape == (EXAMPLE_BATCH, config.heads, EXAMPLE_PAST + EXAMPLE_NEW, config.head_dim)
+    with pytest.raises(QGraphError, match="already reads its cache"):
+        thread_side_cache(decode.graph_module, dict(decode.example_inputs))
 
 
 def storages(module: nn.Module) -> dict[int, int]:

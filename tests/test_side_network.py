@@ -140,6 +140,14 @@ def test_mask_and_positions():
     assert positions_from_mask(mask).tolist() == [[0, 0, 1, 1]]
     allowed = attention_allowed(mask)[0, 0].int().tolist()
     assert allowed == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]]
+    assert attention_allowed(mask, 2)[0, 0].int().tolist() == allowed[2:]  # a decode step's rows only
+
+
+def test_past_keys_and_values_need_the_masks():
+    side, head = SideNetwork(config()), torch.randn(2, 1, D)
+    past = [torch.zeros(2, 2, 1, config().head_dim) for _ in range(2 * config().blocks)]
+    with pytest.raises(ValueError, match="need past_attention_mask and attention_mask"):
+        side(head, torch.ones(2, 1, dtype=torch.long), *taps(shape=(2, 1)), past=past)
 
 
 def test_rotation_keeps_norms_and_makes_scores_relative():

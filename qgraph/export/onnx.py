@@ -205,7 +205,7 @@ def write(job: Any) -> Artifact:
         decode = module.tied_decode_graph()
         program = ort_layout_graph(decode.graph_module)
         args, kwargs = signature_args(decode.example_inputs), {}
-        shapes = decode_dynamic_shapes(decode.caches, module.info.max_seq_len)
+        shapes = decode_dynamic_shapes(decode.past_count, module.info.max_seq_len)
         input_names, output_names = decode_names(module)
     else:
         program = LogitsProgram(module)

@@ -17,8 +17,6 @@ from qgraph.finalize import FOLD_PASS, finalize
 from qgraph.module import QGraphModule
 
 INPUT_NAMES = ("input_ids", "attention_mask")
-# the KV-cache signature's (qgraph.decode) inputs before the past keys and values
-DECODE_INPUT_NAMES = DECODE_ARGUMENTS
 DECODE_NOTE = "decode: the file takes and returns the KV cache (qgraph.decode's signature)"
 
 
@@ -92,5 +90,5 @@ def decode_names(module: QGraphModule) -> tuple[list[str], list[str]]:
     """The decode signature's flat input and output names: ..., past_0, past_1, ... in; logits, present_0, ... out
     (the model's keys and values, then a QST side network's)."""
     count = module.decode_graph.past_count
-    return ([*DECODE_INPUT_NAMES, *(f"past_{i}" for i in range(count))],
+    return ([*DECODE_ARGUMENTS, *(f"past_{i}" for i in range(count))],
             ["logits", *(f"present_{i}" for i in range(count))])

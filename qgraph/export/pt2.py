@@ -83,7 +83,7 @@ def decode_program(module: QGraphModule) -> torch.export.ExportedProgram:
     dynamic."""
     decode = module.tied_decode_graph()
     exported = torch.export.export(decompose_qgraph_ops(decode.graph_module), signature_args(decode.example_inputs),
-                                   dynamic_shapes=decode_dynamic_shapes(decode.caches, module.info.max_seq_len),
+                                   dynamic_shapes=decode_dynamic_shapes(decode.past_count, module.info.max_seq_len),
                                    strict=False)
     check_decomposed(exported)
     drop_stack_traces(exported)

@@ -2,7 +2,8 @@
 
     step(input_ids, attention_mask, past_attention_mask, position_ids, past) -> (logits, present)
 
-past and present are the model's keys and values, [k_0, v_0, k_1, v_1, ...], each (B, heads, tokens, head_dim).
+past and present are the model's keys and values, [k_0, v_0, k_1, v_1, ...], each (B, heads, tokens, head_dim),
+followed by a QST side network's blocks' (their own heads and head_dim).
 A prompt goes in with a past of one zero slot that past_attention_mask hides; positions count every token so
 far, padding included, and each new token is appended to every row: what `qm.generate` does, so the tokens
 are comparable. Runners import this beside `_protocol`; it imports numpy only.

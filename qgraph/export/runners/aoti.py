@@ -1,7 +1,8 @@
 """Run a qgraph AOTInductor package with torch alone: torch._inductor.aoti_load_package(path).
 
-A decode package (KV-cache signature, qgraph.decode) comes with `--cache layers,heads,head_dim,dtype`: its
-logits come from the prompt with an empty past, and `--generate N` decodes N greedy tokens through it.
+A decode package (KV-cache signature, qgraph.decode) comes with `--cache layers,heads,head_dim,dtype`, one such
+group per stack of keys and values joined by ";" (the model's, then a QST side network's): its logits come from
+the prompt with an empty past, and `--generate N` decodes N greedy tokens through it.
 """
 
 from __future__ import annotations
