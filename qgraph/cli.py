@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="directory the files are written to")
     export.add_argument("--batch-size", type=int, default=4)
     export.add_argument("--block-len", type=int, default=256)
+    export.add_argument("--decode", action="store_true",
+                        help="write the KV-cache signature (pt2, aoti, onnx): past keys and values in, present out")
     export.set_defaults(run=_export)
     return parser
 
@@ -132,7 +134,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
     reports = export_trained(args.model, plan=args.plan, formats=args.format, out_dir=args.out, steps=args.steps,
                              from_dir=args.from_dir, options=parse_options(args.set), batch_size=args.batch_size,
-                             block_len=args.block_len, console=console)
+                             block_len=args.block_len, decode=args.decode, console=console)
     for report in reports:
         console.print(f"wrote {report.path} ({report.target}, max |logits diff| {report.parity.max_abs_diff:.2e})")
     return 0

@@ -22,13 +22,17 @@ SEED = 0
 
 def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: Path, steps: int = 0,
                    from_dir: Path | None = None, options: dict[str, Any] | None = None, batch_size: int = 4,
-                   block_len: int = 256, console: Console | None = None) -> list[ExportReport]:
+                   block_len: int = 256, decode: bool = False, console: Console | None = None) -> list[ExportReport]:
     """Load `model_spec`, transform it with `plan` (or restore the run saved in `from_dir`), train `steps`
-    steps on the pydoc training text, and export it in each of `formats` into `out_dir`."""
+    steps on the pydoc training text, and export it in each of `formats` into `out_dir`; with `decode`, each
+    file holds the KV-cache signature (`<name>-decode<suffix>`)."""
     console = console or Console()
     options = options or {}
     for format in formats:  # an unknown format fails before the model is loaded
         qgraph.export.get_target(format)
+    if decode:  # likewise a format without the KV-cache signature
+        qgraph.export.check_decode_formats(formats)
+    export_options = {qgraph.export.DECODE_OPTION: True} if decode else {}
     if from_dir is None:
         resolve_steps(get_plan(plan), options)  # likewise a bad plan or option
     torch.manual_seed(SEED)
@@ -55,8 +59,8 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
     reports = []
     for format in formats:
         suffix = qgraph.export.get_target(format).suffixes[0]
-        path = out_dir / f"{name}-{qm.plan.name}{'-aoti' if format == 'aoti' else ''}{suffix}"
+        path = out_dir / f"{name}-{qm.plan.name}{'-aoti' if format == 'aoti' else ''}{'-decode' if decode else ''}{suffix}"
         with console.status(f"exporting to {format} and running it in its runtime"):
-            reports.append(qgraph.export.export_report(qm, path, format=format, console=console,
+            reports.append(qgraph.export.export_report(qm, path, format=format, console=console, **export_options,
                                                        **qgraph.export.tokenizer_options(format, tokenizer)))
     return reports

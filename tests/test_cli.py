@@ -55,3 +55,29 @@ def test_inspect_renders_svg(tmp_path):
     svg = tmp_path / "graph.svg"
     assert main(["inspect", "tiny-gpt2", "--dot", str(svg), "--dot-depth", "0"]) == 0
     assert svg.read_text().lstrip().startswith("<?xml") and "nf4_linear" in svg.read_text()
+
+
+def test_export_trains_and_writes_decode_files_that_carry_the_side_networks_cache(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    argv = ["export", "--model", "tiny-llama", "--plan", "qst-nf4", "--steps", "2", "--batch-size", "2",
+            "--block-len", "32", "--format", "pt2", "--format", "onnx", "--decode", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    onnx_file = tmp_path / "tiny-llama-qst-nf4-decode.onnx"
+    assert f"wrote {tmp_path / 'tiny-llama-qst-nf4-decode.pt2'}" in out.replace("\n", "") and onnx_file.exists()
+    inputs = [i.name for i in onnx.load(str(onnx_file)).graph.input]
+    # the model's keys and values (2 layers), then the side network's (one block per tapped layer)
+    assert inputs[:3] == ["input_ids", "attention_mask", "past_attention_mask"] and inputs[-1] == "past_7"
+
+
+def test_export_refuses_decode_for_a_format_without_a_kv_cache_before_loading(tmp_path, capsys, monkeypatch):
+    import qgraph.deploy
+
+    monkeypatch.setattr(qgraph.deploy, "resolve_model", lambda spec: pytest.fail("the model must not be loaded"))
+    assert main(["export", "--model", "tiny-llama", "--format", "pt2", "--format", "gguf", "--decode",
+                 "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "gguf files take no KV cache" in out and "pt2, aoti, onnx" in out
+    assert not any(tmp_path.iterdir())

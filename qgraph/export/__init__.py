@@ -58,6 +58,9 @@ class ExportJob:
     example_inputs: dict[str, torch.Tensor]
 
 
+DECODE_OPTION = "decode"  # the option of the targets that write the KV-cache signature (qgraph.decode)
+
+
 def targets() -> list[str]:
     return list(TARGET_MODULES)
 
@@ -104,17 +107,29 @@ def tokenizer_options(format: str, tokenizer: Any) -> dict[str, Any]:
     return {"tokenizer": tokenizer} if tokenizer is not None and get_target(format).takes_tokenizer else {}
 
 
-def fitting_targets(module: QGraphModule) -> list[str]:
-    """The targets (installed ones) that can express this finalized module with their default options."""
-    fits = []
+def installed_targets() -> list[ExportTarget]:
+    """The targets whose packages are installed (executorch's is an extra)."""
+    installed = []
     for name in TARGET_MODULES:
         try:
-            target = get_target(name)
+            installed.append(get_target(name))
         except ExportError:
             continue
-        if target.unsupported(module, target.options_type()) is None:
-            fits.append(name)
-    return fits
+    return installed
+
+
+def fitting_targets(module: QGraphModule) -> list[str]:
+    """The targets (installed ones) that can express this finalized module with their default options."""
+    return [target.name for target in installed_targets() if target.unsupported(module, target.options_type()) is None]
+
+
+def check_decode_formats(formats: list[str]) -> None:
+    """Raise unless every one of `formats` can write the KV-cache signature (`decode=True`), naming those that can."""
+    without = [name for name in formats if DECODE_OPTION not in get_target(name).option_names()]
+    if without:
+        takes = [target.name for target in installed_targets() if DECODE_OPTION in target.option_names()]
+        raise ExportError(f"decode: {', '.join(without)} files take no KV cache (their runtimes keep their own, or "
+                          f"none); the formats that write the KV-cache signature: {', '.join(takes)}")
 
 
 def export(module: QGraphModule, path: str | os.PathLike, *, format: str | None = None,
