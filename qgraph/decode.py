@@ -243,7 +243,7 @@ def thread_side_cache(gm: fx.GraphModule, examples: dict[str, Any]) -> CacheShap
     model_past = len(placeholders) - len(DECODE_ARGUMENTS)  # past_0 ... past_(2L-1), the model's, come first
     past, previous = [], list(placeholders.values())[-1]
     device = examples["past_0"].device
-    # seed 1: drawn apart from the model's past (seed 0), so that no pass or check mistakes one for the other
+    # a fixed generator of its own: reproducible examples, drawn without moving the model's (seed 0, drawn earlier)
     generator = torch.Generator().manual_seed(1)
     for index in range(model_past, model_past + 2 * shape.layers):
         with graph.inserting_after(previous):

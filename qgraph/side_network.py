@@ -292,6 +292,7 @@ class SideNetwork(nn.Module):
         present: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             down = self.downsamples[i + 1](taps[i + 1].to(dtype))
+            # past is flat, [k_0, v_0, k_1, ...], as the decode signature's is; a block takes its own pair
             out, keys_values = block(h, rotary, allowed, None if past is None else (past[2 * i], past[2 * i + 1]))
             h = (1 - gates[i]) * down + gates[i] * out
             present += keys_values
