@@ -16,11 +16,13 @@ Compiling takes a while (tens of seconds for a tiny model on two CPU cores); the
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from qgraph.decode import CacheShape
 from qgraph.errors import ExportError
 from qgraph.export.aten import op_mapping
 from qgraph.export.program import DECODE_NOTE, decode_unsupported
@@ -49,6 +51,11 @@ def unsupported(module: QGraphModule, options: AotiOptions) -> str | None:
     return decode_unsupported(module) if options.decode else None
 
 
+def cache_flag(caches: Sequence[CacheShape]) -> str:
+    """CACHE_FLAG's value: each stack's layers,heads,head_dim,dtype, joined by ";"."""
+    return ";".join(f"{c.layers},{c.heads},{c.head_dim},{str(c.dtype).removeprefix('torch.')}" for c in caches)
+
+
 def write(job: ExportJob) -> Artifact:
     """Compile the aten program and package it at job.path."""
     if job.path.suffix != PACKAGE_SUFFIX:
@@ -63,8 +70,7 @@ def write(job: ExportJob) -> Artifact:
     runner_args = []
     if decode:  # a package does not show its inputs' shapes: the runner is told the cache's
         notes.append(DECODE_NOTE)
-        runner_args = [CACHE_FLAG, ";".join(f"{c.layers},{c.heads},{c.head_dim},{str(c.dtype).removeprefix('torch.')}"
-                                            for c in job.module.decode_graph.caches)]
+        runner_args = [CACHE_FLAG, cache_flag(job.module.decode_graph.caches)]
     return Artifact(op_mapping=op_mapping(job.module.graph_module.graph), notes=notes, runner_args=runner_args)
 
 

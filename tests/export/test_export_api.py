@@ -181,8 +181,7 @@ def test_qsts_head_delta_reaches_the_exported_file(tmp_path, name):
     assert report.parity.max_abs_diff <= 1e-3 and report.parity.top1_agreement == 1.0
 
 
-@pytest.mark.parametrize("name, format", [("model.pt2", "pt2"), ("m.onnx", "onnx"),
-                                          pytest.param("package.pt2", "aoti", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name, format", [("model.pt2", "pt2"), ("m.onnx", "onnx")])
 def test_a_qst_decode_file_carries_the_side_networks_cache(tmp_path, name, format):
     """The side network's blocks keep keys and values of their own: a decode file takes and returns them after
     the model's, and generates in a fresh process the tokens qm.generate does."""
@@ -206,3 +205,23 @@ def test_a_qst_decode_file_carries_the_side_networks_cache(tmp_path, name, forma
         assert not torch.equal(backbone.generate(case.input_ids, **generate)[:, case.input_ids.shape[1]:], expected)
     side = finalized.decode_graph.side_cache
     assert finalized.decode_graph.past_count == 2 * 2 + 2 * side.layers and side.heads == side_network(qm).config.heads
+
+
+def test_the_aoti_runner_is_told_every_stack_of_a_qst_decode_cache(monkeypatch):
+    """A package does not show its inputs' shapes: the runner's --cache flag carries the model's and the side
+    network's, and the runner reads back one (heads, head_dim, dtype) per past tensor, in the signature's order.
+    (The aoti target compiles the pt2 target's decode program, which the test above runs.)"""
+    import importlib.util
+    import sys
+
+    from qgraph.export.aoti import CACHE_FLAG, TARGET, cache_flag
+
+    decode = qgraph.transform(tiny_causal_lm("llama", layers=2), "qst-nf4").decode_graph
+    monkeypatch.syspath_prepend(str(TARGET.runner_path.parent))  # the runner imports _decoding beside it
+    spec = importlib.util.spec_from_file_location("qgraph_test_aoti_runner", TARGET.runner_path)
+    runner = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, runner)  # its dataclasses look their module up there
+    spec.loader.exec_module(runner)
+    shapes = runner.past_shapes([CACHE_FLAG, cache_flag(decode.caches)])
+    expected = [(int(t.shape[1]), int(t.shape[3]), t.numpy().dtype) for t in decode.empty_past(1, torch.device("cpu"))]
+    assert shapes == expected and len(shapes) == 4 + 2 * decode.side_cache.layers
