@@ -41,7 +41,7 @@ from qgraph.errors import QGraphError
 from qgraph.inference_graph import InferenceGraph, inference_graph
 from qgraph.pipeline import PassContext, run_pipeline
 from qgraph.plans import CHECKPOINT_PASS
-from qgraph.side_network import SIDE_MODULE, SideNetwork
+from qgraph.side_network import SIDE_MODULE, SideNetwork, side_network_call
 
 # the decode signature's arguments before the past keys and values
 DECODE_ARGUMENTS = ("input_ids", "attention_mask", "past_attention_mask", "position_ids")
@@ -230,10 +230,9 @@ def thread_side_cache(gm: fx.GraphModule, examples: dict[str, Any]) -> CacheShap
     Explicit rather than kept by the module between calls, so that every target that exports the decode graph
     carries the side network's cache with the model's, and nothing outlives a generation. Like the model's, its
     dtype is fixed here (the side network's compute dtype)."""
-    calls = gm.graph.find_nodes(op="call_module", target=SIDE_MODULE)
-    if not calls:
+    call = side_network_call(gm)
+    if call is None:
         return None
-    (call,) = calls
     if "past" in call.kwargs:
         raise QGraphError("thread_side_cache: this decode graph's side network already reads its cache")
     side: SideNetwork = gm.get_submodule(SIDE_MODULE)

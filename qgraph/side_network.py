@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from qgraph.errors import QGraphError
 from qgraph.ops.rotary import rotary_reference
@@ -324,6 +324,11 @@ class SideNetwork(nn.Module):
                 mixed = mixed + head_input * modulation.to(head_input.dtype)
             mixed = mixed.to(head_input.dtype)
         return mixed if past is None else (mixed, *present)
+
+
+def side_network_call(gm: fx.GraphModule) -> fx.Node | None:
+    """The graph's call of its side network (attach_side_taps' call_module node), or None where it has none."""
+    return next(iter(gm.graph.find_nodes(op="call_module", target=SIDE_MODULE)), None)
 
 
 def side_network(qm: nn.Module) -> SideNetwork:

@@ -31,7 +31,7 @@ from torch import nn
 
 from benchlib import Bench, full_finetuning, main
 from passes.attach_side_taps import HEAD_DELTA_MODULE, final_norm_weight
-from qgraph.side_network import NORM_EPS, SIDE_MODULE, side_network
+from qgraph.side_network import NORM_EPS, side_network, side_network_call
 
 # qst-nf4 variants, each its own configuration: (the plan's options, transform(model, "qst-nf4", **options);
 # the side network's AdamW learning rate, None for SIDE_NETWORK_LR)
@@ -93,8 +93,7 @@ def final_norm_of(qm: nn.Module) -> torch.Tensor:
     """The backbone's final norm weight, read off the graph where the side network takes the head's input (the
     pass's own rule, so any family whose final norm the side network can see)."""
     side = side_network(qm)
-    call = next(node for node in qm.graph_module.graph.nodes if node.op == "call_module" and node.target == SIDE_MODULE)
-    weight = final_norm_weight(qm.graph_module, call.args[0], side.config.backbone_width)
+    weight = final_norm_weight(qm.graph_module, side_network_call(qm.graph_module).args[0], side.config.backbone_width)
     if weight is None:
         raise ValueError("the head's input has no final norm weight that the upsample could be scaled by")
     return weight
