@@ -25,7 +25,7 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
@@ -34,17 +34,20 @@ def generate(
     """input_ids (B, T) followed by up to `max_new_tokens` tokens each: (B, T + n).
 
     Greedy unless `do_sample` (softmax of logits / temperature, optionally over the top_k only).
-    A row that produced `eos_token_id` gets `pad_token_id` (default: the eos id) after it; decoding
-    stops early once every row has. The model runs in eval mode and inference mode, and comes back in its mode.
+    A row that produced `eos_token_id` (one id, or a list as Hugging Face generation configs hold) gets
+    `pad_token_id` (default: the first eos id) after it; decoding stops early once every row has. The
+    model runs in eval mode and inference mode, and comes back in its mode.
     use_cache=False recomputes the whole sequence per token even where the model offers a KV cache.
     fused_kernels: NF4 and int4 layers run on fused CPU kernels that compute in bf16 where they apply
     (qgraph.ops.fused_inference: bitsandbytes' for NF4, as transformers + bitsandbytes' `generate` runs it;
     torch's int4 packed matmul for finalized layers); False decodes each weight to float32 as training does.
     """
-    _check_arguments(model, input_ids, max_new_tokens, temperature, top_k)
+    _check_arguments(model, input_ids, attention_mask, max_new_tokens, temperature, top_k)
+    eos = _token_ids("eos_token_id", eos_token_id, model, input_ids.device)
+    pad = (eos[0] if len(eos) else None) if pad_token_id is None else \
+        _token_ids("pad_token_id", pad_token_id, model, input_ids.device, single=True)[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     was_training = model.training
     model.eval()
@@ -57,9 +60,9 @@ def generate(
             logits = session.start(input_ids, attention_mask) if max_new_tokens else None
             for step in range(max_new_tokens):
                 token = _pick(logits.float(), do_sample, temperature, top_k, generator)
-                if eos_token_id is not None:
-                    token = torch.where(finished, torch.full_like(token, pad), token)
-                    finished |= token == eos_token_id
+                if len(eos):
+                    token = torch.where(finished, pad, token)
+                    finished |= torch.isin(token, eos)
                 input_ids = torch.cat([input_ids, token[:, None]], dim=1)
                 if bool(finished.all()) or step == max_new_tokens - 1:
                     break
@@ -120,21 +123,51 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _check_arguments(model: nn.Module, input_ids: Tensor, max_new_tokens: int, temperature: float,
-                     top_k: int | None) -> None:
+def _check_arguments(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
+                     temperature: float, top_k: int | None) -> None:
     require_causal_lm = getattr(model, "require_causal_lm", None)
     if require_causal_lm is not None:
         require_causal_lm("generate needs")
+    # a transformed model checks its inputs as its forward does (dtype, shape, mask, token range), before a
+    # decode graph or a fused kernel sees them: an empty prompt reaches bitsandbytes' CPU kernel as a division
+    # by zero that kills the process
+    check_inputs = getattr(model, "check_inputs", None)
+    if check_inputs is not None:
+        check_inputs(input_ids, attention_mask)
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
     info: Any = getattr(model, "info", None)
     if input_ids.dim() != 2:
         raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise QGraphError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     limit = getattr(info, "max_seq_len", None)
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise QGraphError(f"{input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
                           f"{limit} positions the model was captured with; shorten the prompt or generate fewer")
-    if not temperature > 0:
-        raise QGraphError(f"temperature must be positive, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise QGraphError(f"temperature must be positive (a number above 0), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise QGraphError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(name: str, value: int | list[int] | None, model: nn.Module, device: torch.device, *,
+               single: bool = False) -> Tensor:
+    """`value` (an id, a list of ids with `single` False, or None) as a 1-D tensor, each id checked against the
+    model's vocabulary: a pad id is fed back to the model, and an id outside it (LLaMA-1 configs ship
+    pad_token_id=-1) would fail inside the embedding after tokens were already generated."""
+    ids = [] if value is None else [value] if _is_int(value) else value
+    if not isinstance(ids, (list, tuple)) or (single and len(ids) != 1) or not all(map(_is_int, ids)):
+        kind = "an integer token id" if single else "an integer token id or a list of them"
+        raise QGraphError(f"{name} must be {kind}, got {value!r}")
+    vocab_size = getattr(getattr(getattr(model, "info", None), "config", None), "vocab_size", None)
+    if vocab_size is not None:
+        for token in ids:
+            if not 0 <= token < vocab_size:
+                raise QGraphError(f"{name}={token} is outside the model's vocabulary (0..{vocab_size - 1}); pass an "
+                                  "id of its tokenizer (tokenizer.eos_token_id, or the eos id for padding)")
+    return torch.tensor(ids, dtype=torch.int64, device=device)

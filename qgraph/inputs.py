@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qgraph.errors import QGraphError
-
+from qgraph.loss import IGNORE_INDEX
 
 
 def check_model(model: nn.Module) -> None:
@@ -38,9 +38,11 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def check_call(input_ids: object, attention_mask: object, labels: object, *, vocab_size: int | None,
-               max_batch: int, max_seq_len: int | None, per_token_labels: bool = True) -> None:
+               max_batch: int, max_seq_len: int | None, per_token_labels: bool = True,
+               num_labels: int | None = None) -> None:
     """The arguments of a transformed model's call: token ids and a mask of one (batch, seq) shape, labels of
-    that shape too (`per_token_labels`, a causal LM) or one row per sequence (a classifier)."""
+    that shape too (`per_token_labels`, a causal LM: int64 token ids or -100) or one row per sequence (a
+    classifier: integer classes below `num_labels`, or float targets for regression and multi-label)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype != torch.int64:
@@ -60,10 +62,9 @@ def check_call(input_ids: object, attention_mask: object, labels: object, *, voc
                             f"got {attention_mask.dtype}")
     if labels is not None and per_token_labels:
         _check_same_shape("labels", labels, input_ids)
-    elif labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() == 0 or len(labels) != batch):
-        raise QGraphError(f"labels has shape {tuple(getattr(labels, 'shape', ()))} but input_ids has "
-                          f"{tuple(input_ids.shape)}; a classifier takes one label (or one row of labels) per "
-                          f"sequence: ({batch},)")
+        _check_token_labels(labels, vocab_size)
+    elif labels is not None:
+        _check_class_labels(labels, input_ids, num_labels)
     if vocab_size is not None:
         _check_token_range(input_ids, vocab_size)
 
@@ -74,6 +75,40 @@ def _check_same_shape(name: str, tensor: object, input_ids: torch.Tensor) -> Non
     if tensor.shape != input_ids.shape:
         raise QGraphError(f"{name} has shape {tuple(tensor.shape)} but input_ids has {tuple(input_ids.shape)}; "
                           f"{name} must have input_ids' (batch, seq) shape")
+
+
+def _check_token_labels(labels: torch.Tensor, vocab_size: int | None) -> None:
+    """A causal LM's labels: int64 token ids of the vocabulary, or -100 where the loss skips a position."""
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must hold torch.int64 token ids (-100 where the loss skips a position), got "
+                        f"{labels.dtype}; pass labels.long()")
+    if vocab_size is None:
+        return
+    counted = labels[labels != IGNORE_INDEX]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab_size):
+        value = int(counted[(counted < 0) | (counted >= vocab_size)][0])
+        raise QGraphError(f"labels holds {value}, neither a token id of the model's vocabulary (0..{vocab_size - 1}) "
+                          f"nor {IGNORE_INDEX} (a position the loss skips); build labels from this model's "
+                          "tokenizer's ids")
+
+
+def _check_class_labels(labels: object, input_ids: torch.Tensor, num_labels: int | None) -> None:
+    """A classifier's labels: one per sequence. Integer labels are classes, (batch,) and below num_labels; float
+    labels (regression, multi-label) are left to the model's own loss, which reads their shape."""
+    batch = input_ids.shape[0]
+    if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or len(labels) != batch:
+        raise QGraphError(f"labels has shape {tuple(getattr(labels, 'shape', ()))} but input_ids has "
+                          f"{tuple(input_ids.shape)}; a classifier takes one label (or one row of labels) per "
+                          f"sequence: ({batch},)")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        return
+    if labels.dim() != 1:
+        raise QGraphError(f"labels has shape {tuple(labels.shape)}: integer labels are one class per sequence, "
+                          f"shape ({batch},); for multi-label targets pass float labels of shape (batch, num_labels)")
+    if num_labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+        value = int(labels[(labels < 0) | (labels >= num_labels)][0])
+        raise QGraphError(f"labels holds class {value}, but the classifier has num_labels={num_labels} "
+                          f"(classes 0..{num_labels - 1}); check the label mapping or the model's num_labels")
 
 
 def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -95,7 +95,7 @@ class HFQGraphModule(QGraphModule):
         if unexpected:
             raise TypeError(f"{self.info.model_class} was captured with input_ids, attention_mask and labels; "
                             f"got unexpected arguments {sorted(unexpected)}")
-        self._check_call(input_ids, attention_mask, labels)
+        self.check_inputs(input_ids, attention_mask, labels)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
         if self.info.lm_head is not None:
@@ -146,7 +146,7 @@ class HFQGraphModule(QGraphModule):
         When chunk_lm_loss moved the head out of the graph, the head runs on that position alone
         rather than on every position (a fifth of SmolLM2's compute per token is its head)."""
         self.require_causal_lm("next-token logits need")
-        self._check_call(input_ids, attention_mask)
+        self.check_inputs(input_ids, attention_mask)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
         if self.info.lm_head is None:
@@ -167,12 +167,14 @@ class HFQGraphModule(QGraphModule):
         return self.info.loss_function(logits=logits, labels=labels, vocab_size=self.info.config.vocab_size,
                                        **loss_kwargs)
 
-    def _check_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None) -> None:
-        """Bad arguments as errors that name them, not as errors from inside the graph (qgraph.inputs)."""
-        check_call(input_ids, attention_mask, labels, vocab_size=getattr(self.info.config, "vocab_size", None),
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None) -> None:
+        """Bad arguments as errors that name them, not as errors from inside the graph (qgraph.inputs): what
+        forward, next_token_logits and generate check before they run."""
+        config = self.info.config
+        check_call(input_ids, attention_mask, labels, vocab_size=getattr(config, "vocab_size", None),
                    max_batch=MAX_BATCH, max_seq_len=self.info.max_seq_len,
-                   per_token_labels=self.info.is_causal_lm)
+                   per_token_labels=self.info.is_causal_lm, num_labels=getattr(config, "num_labels", None))
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Decode with this module in the loop (greedy, or sampling; KV-cached unless use_cache=False): see

@@ -11,7 +11,7 @@ from qgraph.generate import generate
 from qgraph.models import tiny_causal_lm, tiny_sequence_classifier
 from qgraph.ops.nf4 import decode_nf4, quantize_nf4
 from qgraph.side_network import side_network
-from tests.conftest import random_ids, train_steps
+from tests.conftest import VOCAB, random_ids, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,56 @@ def test_errors(model_and_qst):
     classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1), "nf4")
     with pytest.raises(QGraphError, match="generate needs a causal language model; this one is a LlamaForSequence"):
         classifier.generate(random_ids((1, 4)), max_new_tokens=1)
+
+
+@pytest.fixture(scope="module")
+def nf4_llama() -> qgraph.QGraphModule:
+    return qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4")
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize(("prompt", "mask", "error", "message"), [
+    # an empty prompt reached bitsandbytes' CPU kernel through the decode graph, which died of a division by zero
+    (torch.zeros(2, 0, dtype=torch.long), None, QGraphError, r"shape \(2, 0\) is outside the captured range"),
+    (random_ids((2, 4)).float(), None, TypeError, r"input_ids must hold torch\.int64 token ids"),
+    (random_ids((2, 4)).tolist(), None, TypeError, "input_ids must be a tensor of token ids, got list"),
+    (random_ids((65, 4)), None, QGraphError, r"shape \(65, 4\) is outside the captured range \(batch 1\.\.64"),
+    (torch.full((1, 4), 999), None, QGraphError, r"token id 999 at \(batch 0, position 0\)"),
+    (random_ids((2, 4)), torch.ones(2, 3, dtype=torch.long), QGraphError,
+     r"attention_mask has shape \(2, 3\) but input_ids has \(2, 4\)"),
+    (random_ids((2, 4)), torch.ones(2, 4), TypeError, "attention_mask must hold integers"),
+], ids=["empty", "float", "list", "batch65", "out-of-vocab", "mask-shape", "float-mask"])
+def test_generate_checks_its_prompt_as_forward_does(nf4_llama, use_cache, prompt, mask, error, message):
+    with pytest.raises(error, match=message):
+        nf4_llama.generate(prompt, attention_mask=mask, max_new_tokens=2, use_cache=use_cache)
+
+
+def test_eos_may_be_a_list_and_pad_must_be_in_the_vocabulary(nf4_llama):
+    ids = random_ids((2, 5), seed=3)
+    free = nf4_llama.generate(ids, max_new_tokens=6)
+    eos = int(free[0, 6])
+    single = nf4_llama.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    # a list, as Hugging Face generation configs hold: any of its ids ends a row (here the second, as the
+    # first never comes)
+    unseen = next(token for token in range(VOCAB) if not (free == token).any())
+    listed = nf4_llama.generate(ids, max_new_tokens=6, eos_token_id=[unseen, eos], pad_token_id=0)
+    assert torch.equal(listed, single) and (listed[0, 7:] == 0).all()
+    for pad, message in ((-1, r"pad_token_id=-1 is outside the model's vocabulary \(0\.\.255\)"),
+                         ([0, 1], r"pad_token_id must be an integer token id, got \[0, 1\]")):
+        with pytest.raises(QGraphError, match=message):
+            nf4_llama.generate(ids, max_new_tokens=2, eos_token_id=eos, pad_token_id=pad)
+    with pytest.raises(QGraphError, match=r"eos_token_id must be an integer token id or a list of them, got \['2'\]"):
+        nf4_llama.generate(ids, max_new_tokens=2, eos_token_id=["2"])
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"max_new_tokens": True}, "max_new_tokens must be a non-negative integer, got True"),
+    ({"max_new_tokens": 2, "do_sample": True, "temperature": "1"}, "temperature must be positive .* got '1'"),
+    ({"max_new_tokens": 2, "do_sample": True, "top_k": True}, "top_k must be a positive integer or None, got True"),
+])
+def test_generate_refuses_options_of_the_wrong_type(nf4_llama, option, message):
+    with pytest.raises(QGraphError, match=message):
+        nf4_llama.generate(random_ids((1, 4)), **option)
 
 
 @pytest.mark.parametrize("plan", ["qst-nf4", "lrqat-w4", "nf4"])  # the head outside the graph, and inside it

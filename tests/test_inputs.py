@@ -8,6 +8,7 @@ from torch import nn
 
 import qgraph
 from qgraph.errors import PlanError, QGraphError
+from qgraph.models import tiny_sequence_classifier
 from tests.conftest import VOCAB, make_llama, random_ids
 
 
@@ -91,6 +92,38 @@ def test_labels_of_another_shape_name_both_shapes(lrqat_llama):
     ids = random_ids((2, 16))
     with pytest.raises(QGraphError, match=r"labels has shape \(2, 15\) but input_ids has \(2, 16\)"):
         lrqat_llama(input_ids=ids, labels=ids[:, :15])
+
+
+def test_labels_outside_the_vocabulary_or_not_int64_are_refused_before_the_forward(lrqat_llama):
+    ids = random_ids((2, 16))
+    labels = ids.clone()
+    labels[0, :3] = -100  # skipped positions are fine
+    labels[1, 4] = VOCAB + 7
+    with pytest.raises(QGraphError, match=rf"labels holds {VOCAB + 7}, neither a token id of the model's vocabulary "
+                                          rf"\(0\.\.{VOCAB - 1}\) nor -100"):
+        lrqat_llama(input_ids=ids, labels=labels)
+    with pytest.raises(TypeError, match=r"labels must hold torch\.int64 token ids .* got torch\.int32; pass "
+                                        r"labels\.long\(\)"):
+        lrqat_llama(input_ids=ids, labels=ids.int())
+    labels[1, 4] = 5
+    assert torch.isfinite(lrqat_llama(input_ids=ids, labels=labels).loss)
+
+
+def test_a_classifiers_labels_are_one_class_per_sequence_below_num_labels():
+    classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1, num_labels=3), "nf4")
+    ids = random_ids((2, 8))
+    with pytest.raises(QGraphError, match=r"labels holds class 7, but the classifier has num_labels=3 "
+                                          r"\(classes 0\.\.2\)"):
+        classifier(input_ids=ids, labels=torch.tensor([0, 7]))
+    with pytest.raises(QGraphError, match=r"integer labels are one class per sequence, shape \(2,\)"):
+        classifier(input_ids=ids, labels=ids)
+    assert torch.isfinite(classifier(input_ids=ids, labels=torch.tensor([0, 2])).loss)
+    # float targets (multi-label) are the model's own loss's to read
+    classifier.info.config.problem_type = "multi_label_classification"
+    try:
+        assert torch.isfinite(classifier(input_ids=ids, labels=torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])).loss)
+    finally:
+        classifier.info.config.problem_type = None
 
 
 def test_an_attention_mask_of_another_shape_names_both_shapes(lrqat_llama):
