@@ -27,8 +27,10 @@ class NF4Options:
     def __post_init__(self) -> None:
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be True or False, got {self.double_quant!r}")
-        if self.blocksize not in BNB_BLOCKSIZES:
-            raise ValueError(f"blocksize={self.blocksize} is not one bitsandbytes supports; use one of {BNB_BLOCKSIZES}")
+        # 64.0 == 64 and True == 1: only ints, which bitsandbytes' op schema takes
+        if type(self.blocksize) is not int or self.blocksize not in BNB_BLOCKSIZES:
+            raise ValueError(f"blocksize={self.blocksize!r} is not one bitsandbytes supports; use one of "
+                             f"{BNB_BLOCKSIZES}, an int")
         object.__setattr__(self, "include", as_patterns(self.include))
         object.__setattr__(self, "exclude", as_patterns(self.exclude) or ())
 

@@ -15,7 +15,7 @@ from qgraph.capture import capture, capture_info
 from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype, slow_dtype_warning
 from qgraph.compile import compile_mode
 from qgraph.decode import decode_recipe
-from qgraph.errors import PlanError, unknown_name_message
+from qgraph.errors import PlanError, QGraphError, unknown_name_message
 from qgraph.graph import LINEAR_FORMS
 from qgraph.inputs import check_model
 from qgraph.module import QGraphModule, wrap_graph_module
@@ -64,8 +64,14 @@ def transform(
     the side network's compute) is cast, as `model.to(dtype)` would cast it (qgraph.cast). The model itself is
     not changed. None: the model's own dtype.
     """
+    check_transformable(model)
     plan, steps = resolve_transform(plan, options, checkpoint=checkpoint)
     pass_names = [spec.name for spec, _ in steps]
+    for argument, names in (("skip", skip), ("print_after", print_after)):
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"{argument} takes a list of pass names, e.g. {argument}={[pass_names[0]]!r}; got {names!r}")
+    if not isinstance(kv_cache, bool):
+        raise TypeError(f"kv_cache must be True or False, got {kv_cache!r}")
     for name in (*skip, *print_after):
         if name not in pass_names:
             raise PlanError(unknown_name_message("pass", name, pass_names) + f" (plan {plan.name!r})")
@@ -103,6 +109,17 @@ def transform(
         else:
             report.frozen_params += param.numel()
     return wrap_graph_module(gm, report, plan, info, compile=compile, decode_recipe=decode)  # info as the passes left it
+
+
+def check_transformable(model: object) -> None:
+    """transform takes a model (an nn.Module), not its name, and not what transform returned."""
+    if isinstance(model, QGraphModule) or (isinstance(model, torch.fx.GraphModule) and "qgraph" in model.meta):
+        raise QGraphError("this module was made by qgraph.transform already; transform the original model (each plan "
+                        "starts from the model's own weights), or qgraph.finalize(qm) to fold what was trained")
+    if not isinstance(model, nn.Module):
+        hint = (" (a checkpoint name: load it first, e.g. AutoModelForCausalLM.from_pretrained(name))"
+                if isinstance(model, str) else "")
+        raise TypeError(f"transform takes a torch.nn.Module, got {type(model).__name__}{hint}")
 
 
 def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None) -> tuple[Plan, list]:

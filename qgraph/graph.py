@@ -149,8 +149,14 @@ def _is_attr(node: object) -> bool:
 
 
 def as_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """Glob option values as a tuple: one string is one pattern; None stays None (the default)."""
-    return (patterns,) if isinstance(patterns, str) else (tuple(patterns) if patterns is not None else None)
+    """Glob option values as a tuple: one string is one pattern; None stays None (the default). Anything but
+    strings is refused (an int would reach fnmatch as a raw TypeError)."""
+    if patterns is None or isinstance(patterns, str):
+        return patterns if patterns is None else (patterns,)
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"module-path globs must be a string or a list of strings (e.g. ['model.layers.*.mlp.*']), "
+                         f"got {patterns!r}")
+    return tuple(patterns)
 
 
 def matches_any(path: str, patterns: Sequence[str]) -> bool:

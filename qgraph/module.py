@@ -54,6 +54,37 @@ class QGraphModule(nn.Module):
             module.training = mode
         return self
 
+    # Devices move (qm.to("cuda")); floating dtypes do not: the graph was captured at transform's dtype and its
+    # ops' dtypes are fixed in it (a bf16 module's graph asserts bf16), so a cast module fails at its next call
+    def to(self, *args: Any, **kwargs: Any) -> QGraphModule:
+        _, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        self._refuse_cast(dtype)
+        return super().to(*args, **kwargs)
+
+    # the same casts as to(dtype) (floating tensors only), so that they pass its check
+    def half(self) -> QGraphModule:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> QGraphModule:
+        return self.to(torch.bfloat16)
+
+    def float(self) -> QGraphModule:
+        return self.to(torch.float32)
+
+    def double(self) -> QGraphModule:
+        return self.to(torch.float64)
+
+    def _refuse_cast(self, dtype: torch.dtype | None) -> None:
+        """Raise unless casting every floating tensor to `dtype` (None: no cast) leaves each as it is."""
+        if dtype is None or not dtype.is_floating_point:
+            return
+        held = {t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()}
+        if held - {dtype}:
+            raise QGraphError(
+                f"qm.to({dtype}) would cast a transformed module whose graph holds {sorted(map(str, held))} tensors; its "
+                f"graph was captured for those dtypes and would fail at the next call. Transform the model in the "
+                f"dtype you want instead: qgraph.transform(model, plan, dtype={dtype}). Devices may change: qm.to(device)")
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

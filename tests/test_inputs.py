@@ -168,3 +168,74 @@ def test_a_bool_or_int32_attention_mask_is_taken_as_the_int64_mask_it_means(lrqa
         expected = lrqat_llama(input_ids=ids, attention_mask=mask).logits
         for other in (mask.bool(), mask.int()):
             assert torch.equal(lrqat_llama(input_ids=ids, attention_mask=other).logits, expected)
+
+
+# --- transform's arguments --------------------------------------------------------------------------------
+
+
+def test_transform_takes_a_module_and_not_one_it_made(lrqat_llama):
+    with pytest.raises(TypeError, match=r"transform takes a torch\.nn\.Module, got str \(a checkpoint name: load it "
+                                        r"first"):
+        qgraph.transform("HuggingFaceTB/SmolLM2-135M", "nf4")
+    with pytest.raises(TypeError, match="got NoneType"):
+        qgraph.transform(None, "nf4")
+    for made in (lrqat_llama, lrqat_llama.graph_module):
+        with pytest.raises(QGraphError, match=r"made by qgraph\.transform already; transform the original model"):
+            qgraph.transform(made, "nf4")
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"skip": "quantize_nf4"}, r"skip takes a list of pass names, e\.g\. skip=\['quantize_nf4'\]; got 'quantize_nf4'"),
+    ({"print_after": [1]}, r"print_after takes a list of pass names.*got \[1\]"),
+    ({"kv_cache": "no"}, "kv_cache must be True or False, got 'no'"),
+])
+def test_transform_refuses_arguments_of_the_wrong_type(arguments, message, snapshot):
+    model = make_llama()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=message):
+        qgraph.transform(model, "nf4", **arguments)
+    before.assert_unchanged(model)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"blocksize": 64.0}, r"blocksize=64\.0 is not one bitsandbytes supports; use one of \(64, .*\), an int"),
+    ({"blocksize": "64"}, r"blocksize='64' is not one"),
+    ({"include": [5]}, r"module-path globs must be a string or a list of strings .* got \[5\]"),
+    ({"exclude": 5}, r"module-path globs must be .* got 5"),
+])
+def test_nf4_options_of_the_wrong_type_are_plan_errors(options, message):
+    with pytest.raises(PlanError, match=message):
+        qgraph.transform(make_llama(), "nf4", **options)
+
+
+def test_a_float64_model_quantizes_to_nf4_from_its_float32_rounding():
+    model = make_llama().double()
+    ids = random_ids((2, 8))
+    with torch.no_grad():
+        ours = qgraph.transform(model, "nf4")(input_ids=ids).logits
+        theirs = qgraph.transform(model, "nf4", dtype=torch.float32)(input_ids=ids).logits
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_module_fed_integers_is_refused_not_zeroed():
+    qm = qgraph.transform(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), "nf4")
+    with pytest.raises(TypeError, match=r"nf4_linear takes floating-point activations, got torch\.int64"):
+        qm(torch.randint(-3, 4, (3, 64)))
+
+
+def test_a_transformed_module_moves_between_devices_but_refuses_a_dtype_cast(lrqat_llama):
+    ids = random_ids((2, 8))
+    for cast, dtype in ((lambda: lrqat_llama.to(torch.bfloat16), "bfloat16"), (lrqat_llama.half, "float16"),
+                        (lrqat_llama.double, "float64")):
+        with pytest.raises(QGraphError, match=rf"qm\.to\(torch\.{dtype}\) would cast .* dtype=torch\.{dtype}\)"):
+            cast()
+    # the same dtype, or a device, is no cast
+    assert lrqat_llama.to("cpu").float().to(torch.float32) is lrqat_llama
+    assert {p.dtype for p in lrqat_llama.parameters()} == {torch.float32}
+    assert lrqat_llama(input_ids=ids).logits.shape == (2, 8, VOCAB)
+
+
+def test_a_plan_json_without_passes_is_a_plan_error():
+    with pytest.raises(PlanError, match=r"not a plan's JSON \(KeyError: 'passes'\)"):
+        qgraph.Plan.from_json("{}")

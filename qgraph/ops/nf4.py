@@ -51,9 +51,12 @@ class NF4Weight:
 
 
 def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
-    """NF4-quantize a (out x in) weight with bitsandbytes (on the weight's device)."""
+    """NF4-quantize a (out x in) weight with bitsandbytes (on the weight's device). A float64 weight is quantized
+    from its float32 rounding (bitsandbytes takes 16- and 32-bit floats; NF4's 16 levels do not see the
+    difference)."""
+    source = weight.detach().to(torch.float32) if weight.dtype == torch.float64 else weight.detach()
     packed, state = bnbf.quantize_4bit(
-        weight.detach().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+        source.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
     )
     nested = state.state2 if state.nested else None
     return NF4Weight(
@@ -168,12 +171,23 @@ def nf4_linear_kernel(
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def check_nf4_input(x: Tensor, in_features: int) -> None:
+    """x must be floating (an integer x would cast the decoded weight to integers, all zeros, and return them)
+    with in_features features."""
+    if not x.is_floating_point():
+        raise TypeError(f"nf4_linear takes floating-point activations, got {x.dtype}: feed the module the float "
+                        "inputs its linears take (x.float())")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"nf4_linear: x has {x.shape[-1]} features, the layer takes in_features={in_features}")
+
+
 @torch.library.custom_op("qgraph::nf4_linear", mutates_args=())
 def nf4_linear(
     x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Tensor | None,
     nested_code: Tensor | None, offset: Tensor | None, bias: Tensor | None,
     out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
 ) -> Tensor:
+    check_nf4_input(x, in_features)
     return nf4_linear_kernel(x, packed, absmax, code, nested_absmax, nested_code, offset, bias,
                              out_features, in_features, blocksize, nested_blocksize)
 
@@ -181,6 +195,7 @@ def nf4_linear(
 @nf4_linear.register_fake
 def _(x, packed, absmax, code, nested_absmax, nested_code, offset, bias,
       out_features, in_features, blocksize, nested_blocksize):
+    check_nf4_input(x, in_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
