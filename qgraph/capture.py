@@ -14,7 +14,7 @@ import copy
 import functools
 import inspect
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,9 +139,7 @@ def _hf_example_kwargs(config: Any, example_inputs: tuple | dict | None) -> dict
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=generator)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {"input_ids": example_inputs[0]}
+    kwargs = _example_kwargs(example_inputs)
     if "input_ids" not in kwargs:
         raise CaptureError("example_inputs for a Hugging Face model need 'input_ids'")
     kwargs.setdefault("attention_mask", torch.ones_like(kwargs["input_ids"]))
@@ -151,12 +149,32 @@ def _hf_example_kwargs(config: Any, example_inputs: tuple | dict | None) -> dict
             f"qgraph captures Hugging Face models with input_ids and attention_mask only; "
             f"drop {sorted(unknown)} from example_inputs"
         )
-    if min(kwargs["input_ids"].shape) < 2:
+    for name, tensor in kwargs.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
+            what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CaptureError(f"example {name} must be a tensor of integers (token ids; 1/0 for the mask), got {what}")
+    if kwargs["input_ids"].dim() != 2 or min(kwargs["input_ids"].shape) < 2:
         raise CaptureError(
-            "example input_ids must have batch and sequence length >= 2 so the captured graph stays "
+            "example input_ids must be (batch, seq) with batch and sequence length >= 2 so the captured graph stays "
             f"dynamic in both; got shape {tuple(kwargs['input_ids'].shape)}"
         )
-    return kwargs
+    # the graph is captured with int64 ids and mask, the dtypes every call then passes (forward casts a bool or
+    # int32 mask to int64 too): an example in other integer dtypes would capture a graph no call matches
+    return {name: tensor.long() for name, tensor in kwargs.items()}
+
+
+def _example_kwargs(example_inputs: Any) -> dict[str, Any]:
+    """example_inputs by argument name: a mapping (a dict, or the BatchEncoding a tokenizer returns), the ids
+    alone, or (input_ids, attention_mask) in the forward's order."""
+    if isinstance(example_inputs, Mapping):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return {"input_ids": example_inputs}
+    if isinstance(example_inputs, (tuple, list)) and 1 <= len(example_inputs) <= 2:
+        return dict(zip(("input_ids", "attention_mask"), example_inputs))
+    raise CaptureError(f"example_inputs for a Hugging Face model are the input_ids, (input_ids, attention_mask) or a "
+                       f"dict of them (a tokenizer's output), got {type(example_inputs).__name__}"
+                       f"{f' of {len(example_inputs)}' if isinstance(example_inputs, (tuple, list)) else ''}")
 
 
 # --- plain modules ----------------------------------------------------------------------------------

@@ -38,6 +38,10 @@ def perplexity(
     whatever batch it fell in. Runs under no_grad rather than inference_mode so that a forward
     compiled or exported for training is not retraced.
     """
+    if not isinstance(blocks, torch.Tensor):
+        raise TypeError(f"blocks must be a tensor of token ids (n_blocks, block_len), got {type(blocks).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if blocks.ndim != 2 or blocks.shape[1] < 2 or len(blocks) == 0:
         raise ValueError(f"blocks must be (n_blocks >= 1, block_len >= 2), got {tuple(blocks.shape)}")
     total_nll = 0.0

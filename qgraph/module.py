@@ -122,6 +122,11 @@ class HFQGraphModule(QGraphModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **loss_kwargs: Any) -> Any:
+        # use_cache=False as Hugging Face callers pass it (qgraph.evaluate.causal_lm_forward, the HF Trainer's
+        # evaluation): this graph keeps no cache; cached decoding is generate's
+        if loss_kwargs.pop("use_cache", False):
+            raise QGraphError("a transformed model's forward keeps no KV cache (use_cache=True); qm.generate decodes "
+                              "with its decode graph's cache")
         unexpected = set(loss_kwargs) - {"num_items_in_batch"}
         if unexpected:
             raise TypeError(f"{self.info.model_class} was captured with input_ids, attention_mask and labels; "

@@ -138,6 +138,33 @@ def test_hf_capture_with_explicit_example_inputs(make_ids):
     torch.testing.assert_close(got, hf_logits(model, ids), rtol=0, atol=1e-6)
 
 
+def test_example_inputs_from_a_tokenizer_or_in_other_integer_dtypes_capture_the_int64_graph(make_ids):
+    from transformers import BatchEncoding
+
+    model = tiny_causal_lm("llama", layers=1)
+    ids = make_ids((2, 6), seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    for example in (BatchEncoding({"input_ids": ids, "attention_mask": mask}),  # what tokenizer(...) returns
+                    {"input_ids": ids.int(), "attention_mask": mask.bool()}, (ids, mask)):
+        info = capture_info(qgraph.capture(model, example))
+        assert torch.equal(info.example_inputs["input_ids"], ids)
+        assert torch.equal(info.example_inputs["attention_mask"], mask)
+        assert info.example_inputs["attention_mask"].dtype == torch.int64
+
+
+@pytest.mark.parametrize(("example", "message"), [
+    ({"input_ids": torch.ones(2, 4)}, "example input_ids must be a tensor of integers .* got torch.float32"),
+    ({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)},
+     "example attention_mask must be a tensor of integers"),
+    ((torch.ones(2, 4, dtype=torch.long),) * 3, r"are the input_ids, \(input_ids, attention_mask\) or a dict .* "
+                                                 "got tuple of 3"),
+])
+def test_example_inputs_that_no_call_could_match_are_capture_errors(example, message):
+    with pytest.raises(qgraph.CaptureError, match=message):
+        qgraph.capture(tiny_causal_lm("llama", layers=1), example)
+
+
 def test_capture_restores_training_mode(snapshot):
     model = tiny_causal_lm("llama", layers=1).train()
     before = snapshot(model)

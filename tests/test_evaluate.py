@@ -60,3 +60,26 @@ def test_causal_lm_forward_returns_the_models_logits():
     model = tiny_causal_lm("gpt2")
     ids = random_blocks(2, 6)
     torch.testing.assert_close(causal_lm_forward(model)(ids), model(input_ids=ids).logits)
+
+
+def test_causal_lm_forward_drives_a_transformed_model():
+    import qgraph
+
+    model = tiny_causal_lm("llama", layers=1)
+    blocks = random_blocks(3, 10)
+    qm = qgraph.transform(model, "lrqat-w4")
+    with torch.no_grad():
+        expected = perplexity(lambda ids: qm(input_ids=ids).logits, blocks, progress=False)
+    assert perplexity(causal_lm_forward(qm), blocks, progress=False) == expected
+    with pytest.raises(qgraph.QGraphError, match="keeps no KV cache"):
+        qm(input_ids=blocks, use_cache=True)
+
+
+@pytest.mark.parametrize(("blocks", "batch_size", "error", "message"), [
+    (random_blocks(2, 4), 0, ValueError, "batch_size must be a positive integer, got 0"),
+    (random_blocks(2, 4), -1, ValueError, "batch_size must be a positive integer, got -1"),
+    (random_blocks(2, 4).tolist(), 2, TypeError, "blocks must be a tensor of token ids"),
+])
+def test_perplexity_names_a_bad_batch_size_or_blocks(blocks, batch_size, error, message):
+    with pytest.raises(error, match=message):
+        perplexity(lambda ids: torch.zeros(*ids.shape, VOCAB), blocks, batch_size=batch_size, progress=False)
