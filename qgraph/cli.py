@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from qgraph.errors import QGraphError
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=132)
     try:
         return args.run(args, console)
-    except (QGraphError, ValueError) as exc:
+    except (QGraphError, ValueError, TypeError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return 2
 
@@ -78,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """`k=v` strings to options; values are Python literals where they parse (ints, floats, tuples)."""
+    """`k=v` strings to options; values are Python literals where they parse (ints, floats, tuples);
+    dtype=NAME is transform's dtype, torch.NAME (dtype=bfloat16)."""
     options = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -88,6 +90,10 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             options[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             options[key] = text
+    if isinstance(options.get("dtype"), str):
+        name = options["dtype"].removeprefix("torch.")
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            options["dtype"] = getattr(torch, name)
     return options
 
 
@@ -105,10 +111,12 @@ def _plans(args: argparse.Namespace, console: Console) -> int:
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
     import qgraph
-    from qgraph.drawing import write_graph_picture
+    from qgraph.drawing import check_picture_request, write_graph_picture
     from qgraph.models import resolve_model
 
     options = parse_options(args.set)
+    if args.dot:  # before the model loads
+        check_picture_request(args.dot, args.dot_depth)
     with console.status(f"loading {args.model}"):
         model, _ = resolve_model(args.model)
     with console.status(f"capturing and running plan {args.plan}"):

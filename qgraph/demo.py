@@ -27,9 +27,9 @@ from qgraph.evaluate import perplexity
 from qgraph.export.check import load_runner
 from qgraph.generate import generate
 from qgraph.models import load_smollm2
-from qgraph.plans import get_plan, resolve_steps
+from qgraph.plans import get_plan, resolve_steps, steps_train
 from qgraph.report import format_bytes
-from qgraph.train import default_optimizer, train_causal_lm
+from qgraph.train import check_run_sizes, default_optimizer, train_causal_lm
 
 SEED = 0
 SAMPLE_PROMPT_CHARS, SAMPLE_NEW_TOKENS = 200, 24
@@ -49,9 +49,9 @@ def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len:
              formats: tuple[str, ...] = DEMO_FORMATS) -> dict[str, float]:
     """Run the demo; returns {row name: held-out perplexity} for every scored row."""
     plan_obj = get_plan(plan)
-    # a bad plan or option, or steps for a plan with nothing to train, fails now, not after the load
-    steps_resolved = resolve_steps(plan_obj, options)
-    if steps and not any(_trains(options) for _, options in steps_resolved):
+    # a bad plan, option or size, or steps for a plan with nothing to train, fails now, not after the load
+    check_run_sizes(steps=steps, batch_size=batch_size, block_len=block_len, eval_blocks=eval_blocks)
+    if steps and not steps_train(resolve_steps(plan_obj, options)):
         raise PlanError(f"plan {plan!r} has nothing to train; run it with --steps 0 or pick a training plan")
     torch.manual_seed(SEED)
     model, tokenizer = load_smollm2()
@@ -122,11 +122,6 @@ def _logits(model: torch.nn.Module):
 
 def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _trains(options: Any) -> bool:
-    # LR-QAT options say what trains; a pass that always trains (attach_side_taps) says `trains`
-    return any(bool(getattr(options, flag, False)) for flag in ("train_ab", "train_scale", "trains"))
 
 
 def _show_sample(qm: qgraph.QGraphModule, tokenizer: Any, text: str, console: Console) -> None:

@@ -14,8 +14,8 @@ from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import PlanError
 from qgraph.export.report import ExportReport
 from qgraph.models import byte_tokenizer, resolve_model
-from qgraph.plans import get_plan, resolve_steps
-from qgraph.train import default_optimizer, train_causal_lm
+from qgraph.plans import get_plan, resolve_steps, steps_train
+from qgraph.train import check_run_sizes, default_optimizer, train_causal_lm
 
 SEED = 0
 
@@ -28,13 +28,15 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
     file holds the KV-cache signature (`<name>-decode<suffix>`)."""
     console = console or Console()
     options = options or {}
+    check_run_sizes(steps=steps, batch_size=batch_size, block_len=block_len)
     for format in formats:  # an unknown format fails before the model is loaded
         qgraph.export.get_target(format)
     if decode:  # likewise a format without the KV-cache signature
         qgraph.export.check_decode_formats(formats)
     export_options = {qgraph.export.DECODE_OPTION: True} if decode else {}
-    if from_dir is None:
-        resolve_steps(get_plan(plan), options)  # likewise a bad plan or option
+    # likewise a bad plan or option, or steps for a plan with nothing to train
+    if from_dir is None and not steps_train(resolve_steps(get_plan(plan), options)) and steps:
+        raise PlanError(f"plan {plan!r} has nothing to train; export it with --steps 0")
     torch.manual_seed(SEED)
     with console.status(f"loading {model_spec}"):
         model, tokenizer = resolve_model(model_spec)
@@ -47,6 +49,10 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
         with console.status(f"capturing and running plan {plan}"):
             qm = qgraph.transform(model, plan, **options)
     console.print(qm.report)
+    export_options_of = {format: {**export_options, **qgraph.export.tokenizer_options(format, tokenizer)}
+                         for format in formats}
+    for format in formats:  # a plan the format cannot take fails before any training step
+        qgraph.export.check_fits(qm, format, **export_options_of[format])
     if steps:
         if not qm.trainable_parameters():
             raise PlanError(f"plan {qm.plan.name!r} has nothing to train; export it with --steps 0")
@@ -61,6 +67,6 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
         suffix = qgraph.export.get_target(format).suffixes[0]
         path = out_dir / f"{name}-{qm.plan.name}{'-aoti' if format == 'aoti' else ''}{'-decode' if decode else ''}{suffix}"
         with console.status(f"exporting to {format} and running it in its runtime"):
-            reports.append(qgraph.export.export_report(qm, path, format=format, console=console, **export_options,
-                                                       **qgraph.export.tokenizer_options(format, tokenizer)))
+            reports.append(qgraph.export.export_report(qm, path, format=format, console=console,
+                                                       **export_options_of[format]))
     return reports

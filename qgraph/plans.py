@@ -108,6 +108,13 @@ def get_plan(plan: str | Plan) -> Plan:
     return PLANS[plan]
 
 
+def steps_train(steps: list[tuple[Any, Any]]) -> bool:
+    """Whether resolved steps train anything: LR-QAT's options say what trains (train_ab, train_scale); a pass
+    that always trains (attach_side_taps) says `trains`."""
+    return any(bool(getattr(options, flag, False)) for _, options in steps
+               for flag in ("train_ab", "train_scale", "trains"))
+
+
 def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]]:
     """(PassSpec, options instance) per pass, with `overrides` applied.
 

@@ -15,6 +15,16 @@ from qgraph.optim import param_groups
 from qgraph.side_network import SIDE_NETWORK_LR
 
 
+def check_run_sizes(*, steps: int, batch_size: int, block_len: int, eval_blocks: int | None = None) -> None:
+    """The sizes of a command-line run (the demo, `qgraph export`), refused before the model loads."""
+    sizes = {"steps": (steps, 0), "batch_size": (batch_size, 1), "block_len": (block_len, 2)}
+    if eval_blocks is not None:
+        sizes["eval_blocks"] = (eval_blocks, 1)
+    for name, (value, least) in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def default_optimizer(qm: QGraphModule) -> torch.optim.Optimizer:
     """AdamW as the papers train: LR-QAT's A, B and scales at their own rates (qgraph.param_groups),
     anything else (a QST side network) at SIDE_NETWORK_LR; betas (0.9, 0.95), no weight decay."""

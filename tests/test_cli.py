@@ -81,3 +81,62 @@ def test_export_refuses_decode_for_a_format_without_a_kv_cache_before_loading(tm
     out = capsys.readouterr().out.replace("\n", " ")
     assert "gguf files take no KV cache" in out and "pt2, aoti, onnx" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_parse_options_reads_a_dtype_name_as_the_torch_dtype():
+    import torch
+
+    assert parse_options(["dtype=bfloat16"]) == {"dtype": torch.bfloat16}
+    assert parse_options(["dtype=torch.float32"]) == {"dtype": torch.float32}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "-1"], "steps must be an integer >= 0, got -1"),
+    (["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+    (["--block-len", "1"], "block_len must be an integer >= 2, got 1"),
+    (["--plan", "rtn-w4", "--steps", "3"], "plan 'rtn-w4' has nothing to train; export it with --steps 0"),
+])
+def test_export_refuses_sizes_and_steps_that_cannot_run_before_loading(tmp_path, capsys, monkeypatch, argv, message):
+    import qgraph.deploy
+
+    monkeypatch.setattr(qgraph.deploy, "resolve_model", lambda spec: pytest.fail("the model must not be loaded"))
+    assert main(["export", "--model", "tiny-llama", "--format", "pt2", "--out", str(tmp_path), *argv]) == 2
+    assert message in printed(capsys)
+
+
+def test_export_refuses_a_plan_the_format_cannot_take_before_training(tmp_path, capsys, monkeypatch):
+    import qgraph.deploy
+
+    monkeypatch.setattr(qgraph.deploy, "train_causal_lm", lambda *a, **k: pytest.fail("no step must run"))
+    assert main(["export", "--model", "tiny-llama", "--plan", "qst-nf4", "--steps", "2", "--format", "gguf",
+                 "--out", str(tmp_path)]) == 2
+    assert "the gguf target cannot export plan 'qst-nf4+finalize': NF4 has no GGUF type" in printed(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--dot", "graph.pdf"], "cannot draw to graph.pdf: use a .dot, .svg or .png file name"),
+    (["--dot", "graph.dot", "--dot-depth", "-3"], "the drawing's depth must be >= 0 (0: every node), got -3"),
+])
+def test_inspect_refuses_a_picture_it_cannot_draw_before_loading(tmp_path, capsys, monkeypatch, argv, message):
+    import qgraph.models
+
+    monkeypatch.setattr(qgraph.models, "resolve_model", lambda spec: pytest.fail("the model must not be loaded"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "tiny-llama", *argv]) == 2
+    assert message in printed(capsys)
+
+
+def test_inspect_takes_a_dtype_and_demo_refuses_sizes_before_loading(capsys, monkeypatch):
+    import qgraph.demo
+
+    assert main(["inspect", "tiny-llama", "--plan", "lrqat-w4", "--set", "dtype=bfloat16"]) == 0
+    assert "bfloat16" in printed(capsys)
+    monkeypatch.setattr(qgraph.demo, "load_smollm2", lambda: pytest.fail("the model must not be loaded"))
+    assert main(["demo", "--eval-blocks", "0"]) == 2
+    assert "eval_blocks must be an integer >= 1, got 0" in printed(capsys)
+
+
+def printed(capsys) -> str:
+    """What the command printed, with rich's line wrapping undone."""
+    return " ".join(capsys.readouterr().out.split())

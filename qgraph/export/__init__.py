@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import types
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def targets() -> list[str]:
 
 
 def get_target(name: str) -> ExportTarget:
+    name = name.lower() if isinstance(name, str) else name  # as suffixes are read: "PT2" is pt2
     if name not in TARGET_MODULES:
         raise ExportError(unknown_name_message("export format", name, TARGET_MODULES))
     try:
@@ -96,9 +98,47 @@ def target_options(target: ExportTarget, options: dict[str, Any]) -> Any:
         raise ExportError(unknown_name_message(f"{target.name} option", unknown[0], target.option_names())
                           if target.option_names() else f"the {target.name} target takes no options; got {unknown}")
     try:
-        return target.options_type(**options)
+        resolved = target.options_type(**options)
+        check_flag_types(resolved)
     except (TypeError, ValueError) as exc:
         raise ExportError(f"{target.name} target: {exc}") from exc
+    return resolved
+
+
+def check_flag_types(options: Any) -> None:
+    """A target option typed bool takes True or False (and None where its type allows): decode="no" is truthy,
+    and would have written the decode signature."""
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        optional = field.type == "bool | None"
+        if field.type in ("bool", "bool | None") and not (isinstance(value, bool) or (optional and value is None)):
+            raise TypeError(f"{field.name} must be True or False{' (or None)' if optional else ''}, got {value!r}")
+
+
+def fitting_module(module: QGraphModule, target: ExportTarget, target_opts: Any) -> tuple[QGraphModule, list[str]]:
+    """(the module as `target` writes it, finalized where it trains; notes), or an ExportError naming why the
+    target cannot export it and the targets that can."""
+    finalized, notes = deployable(module)
+    why = target.unsupported(finalized, target_opts)
+    if why is not None:
+        others = [name for name in fitting_targets(finalized) if name != target.name]
+        raise ExportError(f"the {target.name} target cannot export plan {finalized.plan.name!r}: {why}"
+                          + (f" (targets that fit this module: {', '.join(others)})" if others else ""))
+    return finalized, notes
+
+
+def check_fits(module: QGraphModule, format: str, **options: Any) -> None:
+    """Raise the ExportError `export(module, ..., format=format, **options)` would raise before writing, and
+    write nothing: what a caller that trains before it exports asks first (`qgraph export --steps`)."""
+    check_exportable(module)
+    target = get_target(format)
+    fitting_module(module, target, target_options(target, options))
+
+
+def check_destination(path: Path) -> None:
+    """Refuse, before the export runs, a path the artifact cannot be written to."""
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory; name the file to write in it, e.g. {path / ('model' + path.suffix)}")
 
 
 def tokenizer_options(format: str, tokenizer: Any) -> dict[str, Any]:
@@ -151,13 +191,9 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
     path = Path(path).absolute()  # the runtime check runs in another working directory
     check_exportable(module)
     target = resolve_target(path, format)
+    check_destination(path)
     target_opts = target_options(target, options)
-    finalized, notes = deployable(module)
-    why = target.unsupported(finalized, target_opts)
-    if why is not None:
-        others = [name for name in fitting_targets(finalized) if name != target.name]
-        raise ExportError(f"the {target.name} target cannot export plan {finalized.plan.name!r}: {why}"
-                          + (f" (targets that fit this module: {', '.join(others)})" if others else ""))
+    finalized, notes = fitting_module(module, target, target_opts)
     cases = check_cases(int(finalized.info.config.vocab_size))
     example = _example_inputs(finalized, example_inputs)
     if example_inputs is not None:

@@ -37,6 +37,29 @@ def test_an_unknown_format_lists_the_formats_closest_first(lrqat_module, tmp_pat
         qgraph.export(lrqat_module, tmp_path / "model.onnx", format="onx")
 
 
+@pytest.mark.parametrize(("format", "options", "message"), [
+    ("pt2", {"decode": "no"}, r"pt2 target: decode must be True or False, got 'no'"),
+    ("onnx", {"external_data": "no"}, r"onnx target: external_data must be True or False \(or None\), got 'no'"),
+    ("aoti", {"decode": 1}, "aoti target: decode must be True or False, got 1"),
+])
+def test_a_flag_option_takes_a_bool(lrqat_module, tmp_path, format, options, message):
+    with pytest.raises(qgraph.ExportError, match=message):
+        qgraph.export(lrqat_module, tmp_path / "model.bin", format=format, **options)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_directory_as_the_path_is_refused_before_the_export_runs(lrqat_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(qgraph.export, "deployable", lambda module: pytest.fail("the export ran"))
+    (tmp_path / "out.pt2").mkdir()
+    with pytest.raises(qgraph.ExportError, match=r"out\.pt2 is a directory; name the file to write in it, e\.g\. "
+                                                 r".*out\.pt2/model\.pt2"):
+        qgraph.export(lrqat_module, tmp_path / "out.pt2")
+
+
+def test_a_format_is_read_without_case_as_suffixes_are():
+    assert qgraph.export.get_target("PT2") is qgraph.export.get_target("pt2")
+
+
 def test_export_takes_only_what_transform_returns(tmp_path):
     with pytest.raises(qgraph.ExportError, match="takes the module qgraph.transform or qgraph.finalize returned"):
         qgraph.export(make_llama(), tmp_path / "model.pt2")
