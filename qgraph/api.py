@@ -16,7 +16,7 @@ from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype, slow_dt
 from qgraph.compile import compile_mode
 from qgraph.decode import decode_recipe
 from qgraph.errors import PlanError, QGraphError, unknown_name_message
-from qgraph.graph import LINEAR_FORMS
+from qgraph.graph import LINEAR_FORMS, linear_sites
 from qgraph.inputs import check_model
 from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
@@ -88,7 +88,7 @@ def transform(
     report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
     context = PassContext(example_inputs=capture_info(gm).example_inputs, sources=cast.sources)
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
-    check_rewrote_linears(plan, report.passes)
+    check_rewrote_linears(plan, report.passes, gm)
     if cast.sources:
         report.dtype = cast_summary(cast, dtype, gm)
 
@@ -129,14 +129,21 @@ def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: 
     return resolved, resolve_steps(resolved, options)
 
 
-def check_rewrote_linears(plan: Plan, reports: list[PassReport]) -> None:
+def check_rewrote_linears(plan: Plan, reports: list[PassReport], gm: nn.Module) -> None:
     """A plan whose linear-rewriting passes ran and rewrote nothing is an error, not a module that trains nothing."""
     ran = [r for r in reports if r.name in LINEAR_PASSES and r.ran]
     if not ran or any(r.rewritten for r in ran):
         return
     skipped = [f"{record.path or '(root)'}: {record.reason}" for r in ran for record in r.skipped]
-    why = (f"every matched linear was skipped ({'; '.join(skipped[:3])})" if skipped
-           else f"no linear layer was found; it looks for {LINEAR_FORMS}")
+    # the globs that selected nothing, where the graph does hold linear layers
+    globs = ", ".join(f"{key}={list(r.options[key])}" for r in ran for key in ("include", "exclude") if r.options.get(key))
+    layers = [site.path for site in linear_sites(gm)]
+    if skipped:
+        why = f"every matched linear was skipped ({'; '.join(skipped[:3])})"
+    elif globs and layers:
+        why = f"{globs} selected none of the graph's {len(layers)} linear layers (e.g. {', '.join(layers[:3])})"
+    else:
+        why = f"no linear layer was found; it looks for {LINEAR_FORMS}"
     raise PlanError(f"plan {plan.name!r} rewrote nothing: {why}. Transformers' decoder blocks are selected by "
                     "default; pass include=['<module path glob>'] to select other layers")
 

@@ -80,9 +80,12 @@ def test_a_plan_that_rewrites_nothing_says_which_linear_forms_it_looked_for(snap
     before.assert_unchanged(model)
 
 
-def test_a_plan_whose_every_site_is_excluded_is_an_error():
-    with pytest.raises(PlanError, match="plan 'nf4' rewrote nothing: no linear layer was found"):
+def test_a_plan_whose_globs_select_no_layer_names_them_and_the_layers_there_are():
+    with pytest.raises(PlanError, match=r"plan 'nf4' rewrote nothing: exclude=\['\*'\] selected none of the graph's "
+                                        r"\d+ linear layers \(e\.g\. model\.layers\.0\.self_attn\.q_proj"):
         qgraph.transform(make_llama(), "nf4", exclude=["*"])
+    with pytest.raises(PlanError, match=r"include=\['nothing\.\*'\] selected none of the graph's"):
+        qgraph.transform(make_llama(), "nf4", include=["nothing.*"])
 
 
 # --- the call ---------------------------------------------------------------------------------------------
