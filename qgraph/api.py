@@ -67,9 +67,7 @@ def transform(
     check_transformable(model)
     plan, steps = resolve_transform(plan, options, checkpoint=checkpoint)
     pass_names = [spec.name for spec, _ in steps]
-    for argument, names in (("skip", skip), ("print_after", print_after)):
-        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-            raise TypeError(f"{argument} takes a list of pass names, e.g. {argument}={[pass_names[0]]!r}; got {names!r}")
+    skip, print_after = pass_name_list("skip", skip, pass_names), pass_name_list("print_after", print_after, pass_names)
     if not isinstance(kv_cache, bool):
         raise TypeError(f"kv_cache must be True or False, got {kv_cache!r}")
     for name in (*skip, *print_after):
@@ -111,11 +109,21 @@ def transform(
     return wrap_graph_module(gm, report, plan, info, compile=compile, decode_recipe=decode)  # info as the passes left it
 
 
+def pass_name_list(argument: str, names: object, pass_names: list[str]) -> list[str]:
+    """skip= / print_after= as a list of pass names (None: none); one string is refused, not read letter by letter."""
+    if names is None:
+        return []
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{argument} takes a list of pass names, e.g. {argument}={[pass_names[0]]!r}; got {names!r}")
+    return list(names)
+
+
 def check_transformable(model: object) -> None:
     """transform takes a model (an nn.Module), not its name, and not what transform returned."""
     if isinstance(model, QGraphModule) or (isinstance(model, torch.fx.GraphModule) and "qgraph" in model.meta):
-        raise QGraphError("this module was made by qgraph.transform already; transform the original model (each plan "
-                        "starts from the model's own weights), or qgraph.finalize(qm) to fold what was trained")
+        raise QGraphError("this module was made by qgraph (transform or capture) already; transform the original model "
+                          "(each plan starts from the model's own weights), or qgraph.finalize(qm) to fold what was "
+                          "trained")
     if not isinstance(model, nn.Module):
         hint = (" (a checkpoint name: load it first, e.g. AutoModelForCausalLM.from_pretrained(name))"
                 if isinstance(model, str) else "")
@@ -136,12 +144,13 @@ def check_rewrote_linears(plan: Plan, reports: list[PassReport], gm: nn.Module) 
         return
     skipped = [f"{record.path or '(root)'}: {record.reason}" for r in ran for record in r.skipped]
     # the globs that selected nothing, where the graph does hold linear layers
-    globs = ", ".join(f"{key}={list(r.options[key])}" for r in ran for key in ("include", "exclude") if r.options.get(key))
+    globs = ", ".join(f"{key}={list(r.options[key])}" for r in ran for key in ("include", "exclude")
+                      if r.options.get(key))
     layers = [site.path for site in linear_sites(gm)]
     if skipped:
         why = f"every matched linear was skipped ({'; '.join(skipped[:3])})"
     elif globs and layers:
-        why = f"{globs} selected none of the graph's {len(layers)} linear layers (e.g. {', '.join(layers[:3])})"
+        why = f"{globs} left none of the graph's {len(layers)} linear layers selected (e.g. {', '.join(layers[:3])})"
     else:
         why = f"no linear layer was found; it looks for {LINEAR_FORMS}"
     raise PlanError(f"plan {plan.name!r} rewrote nothing: {why}. Transformers' decoder blocks are selected by "

@@ -167,11 +167,15 @@ def _example_kwargs(example_inputs: Any) -> dict[str, Any]:
     """example_inputs by argument name: a mapping (a dict, or the BatchEncoding a tokenizer returns), the ids
     alone, or (input_ids, attention_mask) in the forward's order."""
     if isinstance(example_inputs, Mapping):
-        return dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return {"input_ids": example_inputs}
-    if isinstance(example_inputs, (tuple, list)) and 1 <= len(example_inputs) <= 2:
-        return dict(zip(("input_ids", "attention_mask"), example_inputs))
+        named = dict(example_inputs)
+    elif isinstance(example_inputs, torch.Tensor):
+        named = {"input_ids": example_inputs}
+    elif isinstance(example_inputs, (tuple, list)) and 1 <= len(example_inputs) <= 2:
+        named = dict(zip(("input_ids", "attention_mask"), example_inputs))
+    else:
+        named = None
+    if named is not None:
+        return {name: value for name, value in named.items() if value is not None}  # (ids, None): no mask given
     raise CaptureError(f"example_inputs for a Hugging Face model are the input_ids, (input_ids, attention_mask) or a "
                        f"dict of them (a tokenizer's output), got {type(example_inputs).__name__}"
                        f"{f' of {len(example_inputs)}' if isinstance(example_inputs, (tuple, list)) else ''}")

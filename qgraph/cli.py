@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=132)
     try:
         return args.run(args, console)
-    except (QGraphError, ValueError, TypeError) as exc:
+    except (QGraphError, ValueError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return 2
 

@@ -28,6 +28,7 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
     file holds the KV-cache signature (`<name>-decode<suffix>`)."""
     console = console or Console()
     options = options or {}
+    formats = [format.lower() for format in formats]  # as get_target reads them: file names follow
     check_run_sizes(steps=steps, batch_size=batch_size, block_len=block_len)
     for format in formats:  # an unknown format fails before the model is loaded
         qgraph.export.get_target(format)
@@ -51,11 +52,13 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
     console.print(qm.report)
     export_options_of = {format: {**export_options, **qgraph.export.tokenizer_options(format, tokenizer)}
                          for format in formats}
-    for format in formats:  # a plan the format cannot take fails before any training step
-        qgraph.export.check_fits(qm, format, **export_options_of[format])
     if steps:
         if not qm.trainable_parameters():
             raise PlanError(f"plan {qm.plan.name!r} has nothing to train; export it with --steps 0")
+        # a plan the format cannot take fails before the training steps, not after them; each check finalizes a
+        # copy (and with decode builds its decode graph), which the export repeats: worth it only ahead of steps
+        for format in formats:
+            qgraph.export.check_fits(qm, format, **export_options_of[format])
         # a tiny random model has a byte-sized vocabulary and no tokenizer of its own
         train_text, _ = train_heldout_split()
         blocks = token_blocks(train_text, tokenizer or byte_tokenizer(), block_len)
@@ -65,7 +68,8 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
     reports = []
     for format in formats:
         suffix = qgraph.export.get_target(format).suffixes[0]
-        path = out_dir / f"{name}-{qm.plan.name}{'-aoti' if format == 'aoti' else ''}{'-decode' if decode else ''}{suffix}"
+        kind = f"{'-aoti' if format == 'aoti' else ''}{'-decode' if decode else ''}"
+        path = out_dir / f"{name}-{qm.plan.name}{kind}{suffix}"
         with console.status(f"exporting to {format} and running it in its runtime"):
             reports.append(qgraph.export.export_report(qm, path, format=format, console=console,
                                                        **export_options_of[format]))

@@ -7,6 +7,7 @@ reads the last position's logits: quadratic in length, but exact, and the same t
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Protocol
 
 import torch
@@ -44,8 +45,7 @@ def generate(
     """
     _check_arguments(model, input_ids, attention_mask, max_new_tokens, temperature, top_k)
     eos = _token_ids("eos_token_id", eos_token_id, model, input_ids.device)
-    pad = (eos[0] if len(eos) else None) if pad_token_id is None else \
-        _token_ids("pad_token_id", pad_token_id, model, input_ids.device, single=True)[0]
+    pad = _pad_id(pad_token_id, eos, model) if len(eos) else None  # without eos no row is ever padded
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -140,30 +140,49 @@ def _check_arguments(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     if input_ids.dim() != 2:
         raise QGraphError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise QGraphError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        raise TypeError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     limit = getattr(info, "max_seq_len", None)
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise QGraphError(f"{input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
                           f"{limit} positions the model was captured with; shorten the prompt or generate fewer")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise QGraphError(f"temperature must be positive (a number above 0), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(_scalar(temperature), numbers.Real):
+        raise TypeError(f"temperature must be a positive number, got {temperature!r}")
+    if not _scalar(temperature) > 0:
+        raise QGraphError(f"temperature must be positive, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise QGraphError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise TypeError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+
+def _scalar(value: object) -> object:
+    """A one-element tensor as its Python number (numpy scalars are numbers already); anything else as it is."""
+    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python, numpy, a one-element integer tensor), and not a bool."""
+    value = _scalar(value)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _token_ids(name: str, value: int | list[int] | None, model: nn.Module, device: torch.device, *,
+def _pad_id(pad_token_id: object, eos: Tensor, model: nn.Module) -> Tensor:
+    """What a finished row gets: `pad_token_id`, or the first eos id."""
+    if pad_token_id is None:
+        return eos[0]
+    return _token_ids("pad_token_id", pad_token_id, model, eos.device, single=True)[0]
+
+
+def _token_ids(name: str, value: object, model: nn.Module, device: torch.device, *,
                single: bool = False) -> Tensor:
     """`value` (an id, a list of ids with `single` False, or None) as a 1-D tensor, each id checked against the
     model's vocabulary: a pad id is fed back to the model, and an id outside it (LLaMA-1 configs ship
     pad_token_id=-1) would fail inside the embedding after tokens were already generated."""
     ids = [] if value is None else [value] if _is_int(value) else value
+    if isinstance(ids, Tensor):
+        ids = ids.tolist()
     if not isinstance(ids, (list, tuple)) or (single and len(ids) != 1) or not all(map(_is_int, ids)):
         kind = "an integer token id" if single else "an integer token id or a list of them"
-        raise QGraphError(f"{name} must be {kind}, got {value!r}")
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    ids = [int(_scalar(token)) for token in ids]
     vocab_size = getattr(getattr(getattr(model, "info", None), "config", None), "vocab_size", None)
     if vocab_size is not None:
         for token in ids:

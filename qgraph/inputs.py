@@ -3,10 +3,12 @@
 Each check raises before anything changes, with a message that names the argument, what is wrong with it
 and the fix; what would otherwise surface is a raw PyTorch error from deep inside a kernel or an export
 guard, or (for a NaN weight) no error at all. The call checks read shapes and dtypes, plus one min/max of
-the token ids: host-side work once per call, outside any compiled region.
+the token ids and one of the labels: host-side work once per call, outside any compiled region.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,11 +40,10 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def check_call(input_ids: object, attention_mask: object, labels: object, *, vocab_size: int | None,
-               max_batch: int, max_seq_len: int | None, per_token_labels: bool = True,
-               num_labels: int | None = None) -> None:
+               max_batch: int, max_seq_len: int | None, per_token_labels: bool = True, config: Any = None) -> None:
     """The arguments of a transformed model's call: token ids and a mask of one (batch, seq) shape, labels of
-    that shape too (`per_token_labels`, a causal LM: int64 token ids or -100) or one row per sequence (a
-    classifier: integer classes below `num_labels`, or float targets for regression and multi-label)."""
+    that shape too (`per_token_labels`, a causal LM: token ids or -100) or one row per sequence (a classifier:
+    classes below the `config`'s num_labels, or float targets for regression and multi-label)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype != torch.int64:
@@ -64,7 +65,7 @@ def check_call(input_ids: object, attention_mask: object, labels: object, *, voc
         _check_same_shape("labels", labels, input_ids)
         _check_token_labels(labels, vocab_size)
     elif labels is not None:
-        _check_class_labels(labels, input_ids, num_labels)
+        _check_class_labels(labels, input_ids, config)
     if vocab_size is not None:
         _check_token_range(input_ids, vocab_size)
 
@@ -78,37 +79,42 @@ def _check_same_shape(name: str, tensor: object, input_ids: torch.Tensor) -> Non
 
 
 def _check_token_labels(labels: torch.Tensor, vocab_size: int | None) -> None:
-    """A causal LM's labels: int64 token ids of the vocabulary, or -100 where the loss skips a position."""
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must hold torch.int64 token ids (-100 where the loss skips a position), got "
-                        f"{labels.dtype}; pass labels.long()")
-    if vocab_size is None:
+    """A causal LM's labels: integer token ids of the vocabulary (forward takes them as int64), or -100 where the
+    loss skips a position."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids (-100 where the loss skips a position), got "
+                        f"{labels.dtype}; build them from input_ids (labels = input_ids.clone())")
+    if vocab_size is None or not labels.numel():
         return
-    counted = labels[labels != IGNORE_INDEX]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab_size):
-        value = int(counted[(counted < 0) | (counted >= vocab_size)][0])
-        raise QGraphError(f"labels holds {value}, neither a token id of the model's vocabulary (0..{vocab_size - 1}) "
-                          f"nor {IGNORE_INDEX} (a position the loss skips); build labels from this model's "
-                          "tokenizer's ids")
+    # one host sync: the skipped positions read as 0, inside any vocabulary
+    low, high = torch.stack(torch.aminmax(labels.masked_fill(labels == IGNORE_INDEX, 0))).tolist()
+    if low < 0 or high >= vocab_size:
+        raise QGraphError(f"labels holds {low if low < 0 else high}, neither a token id of the model's vocabulary "
+                          f"(0..{vocab_size - 1}) nor {IGNORE_INDEX} (a position the loss skips); build labels from "
+                          "this model's tokenizer's ids")
 
 
-def _check_class_labels(labels: object, input_ids: torch.Tensor, num_labels: int | None) -> None:
-    """A classifier's labels: one per sequence. Integer labels are classes, (batch,) and below num_labels; float
-    labels (regression, multi-label) are left to the model's own loss, which reads their shape."""
+def _check_class_labels(labels: object, input_ids: torch.Tensor, config: Any) -> None:
+    """A classifier's labels: one per sequence. Single-label classification (integer labels, num_labels > 1, as
+    Hugging Face infers it) takes a class below num_labels per sequence, (batch,) or (batch, 1); regression and
+    multi-label targets are left to the model's own loss, which reads their shape."""
     batch = input_ids.shape[0]
     if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or len(labels) != batch:
         raise QGraphError(f"labels has shape {tuple(getattr(labels, 'shape', ()))} but input_ids has "
                           f"{tuple(input_ids.shape)}; a classifier takes one label (or one row of labels) per "
                           f"sequence: ({batch},)")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
+    num_labels = getattr(config, "num_labels", None)
+    single_label = getattr(config, "problem_type", None) in (None, "single_label_classification")
+    if labels.is_floating_point() or labels.dtype == torch.bool or not single_label or not num_labels or num_labels < 2:
         return
-    if labels.dim() != 1:
+    if labels.numel() != batch:
         raise QGraphError(f"labels has shape {tuple(labels.shape)}: integer labels are one class per sequence, "
                           f"shape ({batch},); for multi-label targets pass float labels of shape (batch, num_labels)")
-    if num_labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        value = int(labels[(labels < 0) | (labels >= num_labels)][0])
-        raise QGraphError(f"labels holds class {value}, but the classifier has num_labels={num_labels} "
-                          f"(classes 0..{num_labels - 1}); check the label mapping or the model's num_labels")
+    low, high = torch.stack(torch.aminmax(labels)).tolist()
+    if low < 0 or high >= num_labels:
+        raise QGraphError(f"labels holds class {low if low < 0 else high}, but the classifier has "
+                          f"num_labels={num_labels} (classes 0..{num_labels - 1}); check the label mapping or the "
+                          "model's num_labels")
 
 
 def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:

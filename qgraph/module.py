@@ -10,6 +10,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from qgraph.capture import MAX_BATCH, CaptureInfo
+from qgraph.cast import TRAINING_DTYPES
 from qgraph.compile import compile_graph_module, compile_mode
 from qgraph.decode import DecodeGraph, DecodeRecipe, DecodeSession, tie_weights
 from qgraph.errors import QGraphError
@@ -54,36 +55,18 @@ class QGraphModule(nn.Module):
             module.training = mode
         return self
 
-    # Devices move (qm.to("cuda")); floating dtypes do not: the graph was captured at transform's dtype and its
-    # ops' dtypes are fixed in it (a bf16 module's graph asserts bf16), so a cast module fails at its next call
-    def to(self, *args: Any, **kwargs: Any) -> QGraphModule:
-        _, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
-        self._refuse_cast(dtype)
-        return super().to(*args, **kwargs)
-
-    # the same casts as to(dtype) (floating tensors only), so that they pass its check
-    def half(self) -> QGraphModule:
-        return self.to(torch.float16)
-
-    def bfloat16(self) -> QGraphModule:
-        return self.to(torch.bfloat16)
-
-    def float(self) -> QGraphModule:
-        return self.to(torch.float32)
-
-    def double(self) -> QGraphModule:
-        return self.to(torch.float64)
-
-    def _refuse_cast(self, dtype: torch.dtype | None) -> None:
-        """Raise unless casting every floating tensor to `dtype` (None: no cast) leaves each as it is."""
-        if dtype is None or not dtype.is_floating_point:
-            return
-        held = {t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()}
-        if held - {dtype}:
-            raise QGraphError(
-                f"qm.to({dtype}) would cast a transformed module whose graph holds {sorted(map(str, held))} tensors; its "
-                f"graph was captured for those dtypes and would fail at the next call. Transform the model in the "
-                f"dtype you want instead: qgraph.transform(model, plan, dtype={dtype}). Devices may change: qm.to(device)")
+    def _apply(self, fn: Any, recurse: bool = True) -> QGraphModule:
+        """Devices move (qm.to("cuda")); floating dtypes do not. The graph was captured at transform's dtype and
+        its ops' dtypes are fixed in it (a bf16 module's graph asserts bf16; its NF4 statistics and LR-QAT factors
+        stay float32 on purpose), so a cast module would fail, or give NaN, at its next call. Checked here, where
+        every cast arrives (qm.to(dtype), .half(), .bfloat16(), .float(), .type(), a parent module's .to), by
+        applying the cast to an empty tensor of each dtype the module holds."""
+        held = sorted({t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()}, key=str)
+        changed = {dtype: fn(torch.empty(0, dtype=dtype)).dtype for dtype in held}
+        changed = {old: new for old, new in changed.items() if new != old}
+        if changed:
+            raise QGraphError(_cast_refusal(changed, held))
+        return super()._apply(fn, recurse)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -92,6 +75,20 @@ class QGraphModule(nn.Module):
         """Write the trainable tensors and the plan as it ran to `directory`, PEFT-style (atomically);
         `qgraph.from_pretrained(base_model, directory)` rebuilds this module. See qgraph.pretrained."""
         return save_pretrained(self, directory)
+
+
+def _cast_refusal(changed: dict[torch.dtype, torch.dtype], held: list[torch.dtype]) -> str:
+    target = next(iter(changed.values()))
+    casts = ", ".join(f"{old} -> {new}" for old, new in changed.items())
+    if target in held:
+        fix = (f"it already computes in {target} (its {', '.join(map(str, changed))} tensors stay so on purpose): "
+               "drop the cast")
+    elif target in TRAINING_DTYPES:
+        fix = f"transform the model in that dtype instead: qgraph.transform(model, plan, dtype={target})"
+    else:
+        fix = f"qgraph trains in {', '.join(map(str, TRAINING_DTYPES))}: transform the model with one of them (dtype=)"
+    return (f"a transformed module's dtypes are fixed by its graph, and this cast would change them ({casts}); "
+            f"{fix}. Devices may change: qm.to(device)")
 
 
 class HFQGraphModule(QGraphModule):
@@ -133,6 +130,8 @@ class HFQGraphModule(QGraphModule):
                             f"got unexpected arguments {sorted(unexpected)}")
         self.check_inputs(input_ids, attention_mask, labels)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        if labels is not None and self.info.is_causal_lm:
+            labels = labels.long()  # int32 token ids too, as the mask: the loss indexes with int64
         output = self._run(input_ids=input_ids, attention_mask=attention_mask, **self.info.constant_kwargs)
         if self.info.lm_head is not None:
             return self._apply_head(output, labels, **loss_kwargs)
@@ -209,8 +208,8 @@ class HFQGraphModule(QGraphModule):
         forward, next_token_logits and generate check before they run."""
         config = self.info.config
         check_call(input_ids, attention_mask, labels, vocab_size=getattr(config, "vocab_size", None),
-                   max_batch=MAX_BATCH, max_seq_len=self.info.max_seq_len,
-                   per_token_labels=self.info.is_causal_lm, num_labels=getattr(config, "num_labels", None))
+                   max_batch=MAX_BATCH, max_seq_len=self.info.max_seq_len, per_token_labels=self.info.is_causal_lm,
+                   config=config)
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Decode with this module in the loop (greedy, or sampling; KV-cached unless use_cache=False): see

@@ -28,11 +28,11 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         """The plan `to_json` wrote: {"name": ..., "passes": [{"name": ..., "options": {...}}, ...]}."""
-        data = json.loads(text)
         try:
+            data = json.loads(text)
             passes = tuple(PassConfig(p["name"], dict(p.get("options", {}))) for p in data["passes"])
             return cls(data["name"], data.get("description", ""), passes)
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise PlanError(f"not a plan's JSON ({type(exc).__name__}: {exc}): a plan is an object with a \"name\" "
                             "and a \"passes\" list of {\"name\": ..., \"options\": {...}} (as Plan.to_json writes "
                             "it)") from exc

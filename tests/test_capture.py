@@ -151,6 +151,9 @@ def test_example_inputs_from_a_tokenizer_or_in_other_integer_dtypes_capture_the_
         assert torch.equal(info.example_inputs["input_ids"], ids)
         assert torch.equal(info.example_inputs["attention_mask"], mask)
         assert info.example_inputs["attention_mask"].dtype == torch.int64
+    # (ids, None): no mask given, one of ones
+    info = capture_info(qgraph.capture(model, (ids, None)))
+    assert torch.equal(info.example_inputs["attention_mask"], torch.ones_like(ids))
 
 
 @pytest.mark.parametrize(("example", "message"), [

@@ -2,6 +2,8 @@ import shutil
 
 import pytest
 
+import qgraph
+
 from qgraph.cli import main, parse_options
 
 
@@ -125,6 +127,15 @@ def test_inspect_refuses_a_picture_it_cannot_draw_before_loading(tmp_path, capsy
     monkeypatch.chdir(tmp_path)
     assert main(["inspect", "tiny-llama", *argv]) == 2
     assert message in printed(capsys)
+
+
+def test_export_reads_formats_without_case_and_names_each_file_apart(tmp_path, monkeypatch):
+    import qgraph.deploy
+
+    written = []
+    monkeypatch.setattr(qgraph.export, "export_report", lambda qm, path, **kwargs: written.append(path))
+    qgraph.deploy.export_trained("tiny-llama", plan="nf4", formats=["PT2", "AOTI"], out_dir=tmp_path)
+    assert [path.name for path in written] == ["tiny-llama-nf4.pt2", "tiny-llama-nf4-aoti.pt2"]
 
 
 def test_inspect_takes_a_dtype_and_demo_refuses_sizes_before_loading(capsys, monkeypatch):

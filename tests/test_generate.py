@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -150,22 +151,40 @@ def test_eos_may_be_a_list_and_pad_must_be_in_the_vocabulary(nf4_llama):
     unseen = next(token for token in range(VOCAB) if not (free == token).any())
     listed = nf4_llama.generate(ids, max_new_tokens=6, eos_token_id=[unseen, eos], pad_token_id=0)
     assert torch.equal(listed, single) and (listed[0, 7:] == 0).all()
-    for pad, message in ((-1, r"pad_token_id=-1 is outside the model's vocabulary \(0\.\.255\)"),
-                         ([0, 1], r"pad_token_id must be an integer token id, got \[0, 1\]")):
-        with pytest.raises(QGraphError, match=message):
-            nf4_llama.generate(ids, max_new_tokens=2, eos_token_id=eos, pad_token_id=pad)
-    with pytest.raises(QGraphError, match=r"eos_token_id must be an integer token id or a list of them, got \['2'\]"):
+    with pytest.raises(QGraphError, match=r"pad_token_id=-1 is outside the model's vocabulary \(0\.\.255\)"):
+        nf4_llama.generate(ids, max_new_tokens=2, eos_token_id=eos, pad_token_id=-1)
+    with pytest.raises(TypeError, match=r"pad_token_id must be an integer token id, got \[0, 1\]"):
+        nf4_llama.generate(ids, max_new_tokens=2, eos_token_id=eos, pad_token_id=[0, 1])
+    with pytest.raises(TypeError, match=r"eos_token_id must be an integer token id or a list of them, got \['2'\]"):
         nf4_llama.generate(ids, max_new_tokens=2, eos_token_id=["2"])
 
 
 @pytest.mark.parametrize(("option", "message"), [
     ({"max_new_tokens": True}, "max_new_tokens must be a non-negative integer, got True"),
-    ({"max_new_tokens": 2, "do_sample": True, "temperature": "1"}, "temperature must be positive .* got '1'"),
+    ({"max_new_tokens": 2, "do_sample": True, "temperature": "1"}, "temperature must be a positive number, got '1'"),
     ({"max_new_tokens": 2, "do_sample": True, "top_k": True}, "top_k must be a positive integer or None, got True"),
+    ({"max_new_tokens": 2, "eos_token_id": 2.0}, "eos_token_id must be an integer token id or a list of them"),
 ])
 def test_generate_refuses_options_of_the_wrong_type(nf4_llama, option, message):
-    with pytest.raises(QGraphError, match=message):
+    with pytest.raises(TypeError, match=message):
         nf4_llama.generate(random_ids((1, 4)), **option)
+
+
+def test_numpy_and_tensor_scalars_are_numbers_and_a_pad_without_eos_is_never_used(nf4_llama):
+    ids = random_ids((2, 5), seed=3)
+    free = nf4_llama.generate(ids, max_new_tokens=6)
+    eos = int(free[0, 6])
+    # the pad defaults to the (first) eos id
+    expected = nf4_llama.generate(ids, max_new_tokens=6, eos_token_id=eos)
+    assert (expected[0, 7:] == eos).all()
+    for eos_as in (np.int64(eos), torch.tensor(eos), torch.tensor([eos, VOCAB - 1]), [eos]):
+        assert torch.equal(nf4_llama.generate(ids, max_new_tokens=6, eos_token_id=eos_as), expected)
+    # LLaMA-1 configs ship pad_token_id=-1 with no eos in the loop: no row is padded, so it is not refused
+    assert torch.equal(nf4_llama.generate(ids, max_new_tokens=6, pad_token_id=-1), free)
+    sampled = [nf4_llama.generate(ids, max_new_tokens=3, do_sample=True, temperature=t,
+                                  generator=torch.Generator().manual_seed(0)) for t in (0.7, np.float32(0.7),
+                                                                                        torch.tensor(0.7))]
+    assert all(torch.equal(s, sampled[0]) for s in sampled)
 
 
 @pytest.mark.parametrize("plan", ["qst-nf4", "lrqat-w4", "nf4"])  # the head outside the graph, and inside it

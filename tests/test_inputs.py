@@ -81,10 +81,10 @@ def test_a_plan_that_rewrites_nothing_says_which_linear_forms_it_looked_for(snap
 
 
 def test_a_plan_whose_globs_select_no_layer_names_them_and_the_layers_there_are():
-    with pytest.raises(PlanError, match=r"plan 'nf4' rewrote nothing: exclude=\['\*'\] selected none of the graph's "
-                                        r"\d+ linear layers \(e\.g\. model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(PlanError, match=r"plan 'nf4' rewrote nothing: exclude=\['\*'\] left none of the graph's "
+                                        r"\d+ linear layers selected \(e\.g\. model\.layers\.0\.self_attn\.q_proj"):
         qgraph.transform(make_llama(), "nf4", exclude=["*"])
-    with pytest.raises(PlanError, match=r"include=\['nothing\.\*'\] selected none of the graph's"):
+    with pytest.raises(PlanError, match=r"include=\['nothing\.\*'\] left none of the graph's"):
         qgraph.transform(make_llama(), "nf4", include=["nothing.*"])
 
 
@@ -97,19 +97,20 @@ def test_labels_of_another_shape_name_both_shapes(lrqat_llama):
         lrqat_llama(input_ids=ids, labels=ids[:, :15])
 
 
-def test_labels_outside_the_vocabulary_or_not_int64_are_refused_before_the_forward(lrqat_llama):
+def test_labels_outside_the_vocabulary_or_not_integers_are_refused_before_the_forward(lrqat_llama, monkeypatch):
     ids = random_ids((2, 16))
     labels = ids.clone()
     labels[0, :3] = -100  # skipped positions are fine
+    loss = lrqat_llama(input_ids=ids, labels=labels).loss
+    # int32 ids are the int64 ids they mean, as masks are
+    assert torch.equal(lrqat_llama(input_ids=ids, labels=labels.int()).loss, loss)
+    monkeypatch.setattr(lrqat_llama, "_run", lambda **kwargs: pytest.fail("the forward ran"))
     labels[1, 4] = VOCAB + 7
     with pytest.raises(QGraphError, match=rf"labels holds {VOCAB + 7}, neither a token id of the model's vocabulary "
                                           rf"\(0\.\.{VOCAB - 1}\) nor -100"):
         lrqat_llama(input_ids=ids, labels=labels)
-    with pytest.raises(TypeError, match=r"labels must hold torch\.int64 token ids .* got torch\.int32; pass "
-                                        r"labels\.long\(\)"):
-        lrqat_llama(input_ids=ids, labels=ids.int())
-    labels[1, 4] = 5
-    assert torch.isfinite(lrqat_llama(input_ids=ids, labels=labels).loss)
+    with pytest.raises(TypeError, match=r"labels must hold integer token ids .* got torch\.float32"):
+        lrqat_llama(input_ids=ids, labels=ids.float())
 
 
 def test_a_classifiers_labels_are_one_class_per_sequence_below_num_labels():
@@ -120,13 +121,18 @@ def test_a_classifiers_labels_are_one_class_per_sequence_below_num_labels():
         classifier(input_ids=ids, labels=torch.tensor([0, 7]))
     with pytest.raises(QGraphError, match=r"integer labels are one class per sequence, shape \(2,\)"):
         classifier(input_ids=ids, labels=ids)
-    assert torch.isfinite(classifier(input_ids=ids, labels=torch.tensor([0, 2])).loss)
-    # float targets (multi-label) are the model's own loss's to read
-    classifier.info.config.problem_type = "multi_label_classification"
-    try:
-        assert torch.isfinite(classifier(input_ids=ids, labels=torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])).loss)
-    finally:
-        classifier.info.config.problem_type = None
+    loss = classifier(input_ids=ids, labels=torch.tensor([0, 2])).loss
+    assert torch.isfinite(loss)
+    assert torch.equal(classifier(input_ids=ids, labels=torch.tensor([[0], [2]])).loss, loss)  # (batch, 1) as HF
+
+
+@pytest.mark.parametrize(("num_labels", "labels"), [
+    (1, torch.tensor([1, 2])),  # regression takes integer targets too (HF's MSE loss)
+    (3, torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])),  # multi-label targets are floats
+])
+def test_regression_and_multi_label_targets_go_to_the_models_own_loss(num_labels, labels):
+    classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1, num_labels=num_labels), "nf4")
+    assert torch.isfinite(classifier(input_ids=random_ids((2, 8)), labels=labels).loss)
 
 
 def test_an_attention_mask_of_another_shape_names_both_shapes(lrqat_llama):
@@ -183,7 +189,8 @@ def test_transform_takes_a_module_and_not_one_it_made(lrqat_llama):
     with pytest.raises(TypeError, match="got NoneType"):
         qgraph.transform(None, "nf4")
     for made in (lrqat_llama, lrqat_llama.graph_module):
-        with pytest.raises(QGraphError, match=r"made by qgraph\.transform already; transform the original model"):
+        with pytest.raises(QGraphError, match=r"made by qgraph \(transform or capture\) already; transform the "
+                                              r"original model"):
             qgraph.transform(made, "nf4")
 
 
@@ -229,16 +236,34 @@ def test_a_plain_module_fed_integers_is_refused_not_zeroed():
 
 def test_a_transformed_module_moves_between_devices_but_refuses_a_dtype_cast(lrqat_llama):
     ids = random_ids((2, 8))
-    for cast, dtype in ((lambda: lrqat_llama.to(torch.bfloat16), "bfloat16"), (lrqat_llama.half, "float16"),
-                        (lrqat_llama.double, "float64")):
-        with pytest.raises(QGraphError, match=rf"qm\.to\(torch\.{dtype}\) would cast .* dtype=torch\.{dtype}\)"):
+    for cast, new in ((lambda: lrqat_llama.to(torch.bfloat16), "bfloat16"), (lrqat_llama.half, "float16"),
+                      (lambda: nn.ModuleDict({"qm": lrqat_llama}).bfloat16(), "bfloat16")):  # through a parent too
+        with pytest.raises(QGraphError, match=rf"would change them \(torch\.float32 -> torch\.{new}\); transform "
+                                              rf"the model in that dtype instead: .*dtype=torch\.{new}\)"):
             cast()
+    with pytest.raises(QGraphError, match=r"float32 -> torch\.float64\); qgraph trains in torch\.float32, "):
+        lrqat_llama.double()
     # the same dtype, or a device, is no cast
-    assert lrqat_llama.to("cpu").float().to(torch.float32) is lrqat_llama
+    assert lrqat_llama.to("cpu").float().to(torch.float32).to(ids.float()) is lrqat_llama
     assert {p.dtype for p in lrqat_llama.parameters()} == {torch.float32}
     assert lrqat_llama(input_ids=ids).logits.shape == (2, 8, VOCAB)
+
+
+def test_a_bf16_module_cast_to_bf16_is_told_it_computes_in_bf16_already():
+    # its NF4 statistics stay float32: casting them to bf16 gave NaN logits
+    qm = qgraph.transform(make_llama(), "nf4", dtype=torch.bfloat16)
+    with pytest.raises(QGraphError, match=r"float32 -> torch\.bfloat16\); it already computes in torch\.bfloat16 "
+                                          r"\(its torch\.float32 tensors stay so on purpose\): drop the cast"):
+        qm.to(torch.bfloat16)
+    assert torch.isfinite(qm(input_ids=random_ids((2, 8))).logits).all()
 
 
 def test_a_plan_json_without_passes_is_a_plan_error():
     with pytest.raises(PlanError, match=r"not a plan's JSON \(KeyError: 'passes'\)"):
         qgraph.Plan.from_json("{}")
+    with pytest.raises(PlanError, match=r"not a plan's JSON \(JSONDecodeError"):
+        qgraph.Plan.from_json("nf4")
+
+
+def test_skip_none_skips_nothing():
+    assert qgraph.transform(make_llama(), "nf4", skip=None, print_after=None).report.passes[0].rewritten

@@ -19,10 +19,9 @@ import sys
 import tempfile
 import time
 import types
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import torch
 from rich.console import Console
@@ -108,11 +107,13 @@ def target_options(target: ExportTarget, options: dict[str, Any]) -> Any:
 def check_flag_types(options: Any) -> None:
     """A target option typed bool takes True or False (and None where its type allows): decode="no" is truthy,
     and would have written the decode signature."""
-    for field in dataclasses.fields(options):
-        value = getattr(options, field.name)
-        optional = field.type == "bool | None"
-        if field.type in ("bool", "bool | None") and not (isinstance(value, bool) or (optional and value is None)):
-            raise TypeError(f"{field.name} must be True or False{' (or None)' if optional else ''}, got {value!r}")
+    for name, hint in get_type_hints(type(options)).items():
+        value = getattr(options, name)
+        kinds = set(get_args(hint)) or {hint}
+        optional = type(None) in kinds
+        is_flag = bool in kinds and kinds <= {bool, type(None)}
+        if is_flag and not (isinstance(value, bool) or (optional and value is None)):
+            raise TypeError(f"{name} must be True or False{' (or None)' if optional else ''}, got {value!r}")
 
 
 def fitting_module(module: QGraphModule, target: ExportTarget, target_opts: Any) -> tuple[QGraphModule, list[str]]:
