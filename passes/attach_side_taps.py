@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from qgraph.errors import PassError
 from qgraph.graph import Block, LinearSite, decoder_blocks, get_attr_tensor, linear_sites, module_path
+from qgraph.inputs import is_int
 from qgraph.loss import LowRankHeadDelta
 from qgraph.ops.nf4 import dequantize_nf4
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
@@ -121,7 +122,7 @@ class SideTapsOptions:
 
 
 def _check_positive(name: str, value: object, hint: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer ({hint}), got {value!r}")
 
 

@@ -23,6 +23,7 @@ from torch import fx, nn
 from passes.quantize_nf4 import default_selection_note, selected_sites
 from qgraph.errors import PassError
 from qgraph.graph import LinearSite, as_patterns
+from qgraph.inputs import is_int
 from qgraph.ops.lrqat import phi0_from_weight
 from qgraph.ops.round_scale import round_scale_reference
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
@@ -66,9 +67,9 @@ class LRQATOptions:
     scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.bits) or not MIN_BITS <= self.bits <= MAX_BITS:
+        if not is_int(self.bits) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
-        if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
+        if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
             raise ValueError(f"group_size must be -1 (one scale per output channel) or a positive number of "
                              f"input columns per scale (128 is typical), got {self.group_size!r}")
         _check_int("rank", self.rank, 1, "a positive integer (32 is the paper's default)")
@@ -99,12 +100,8 @@ class LRQATOptions:
 
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_int(name: str, value: object, minimum: int, what: str) -> None:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 

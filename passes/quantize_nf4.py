@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from qgraph.graph import LinearSite, as_patterns, block_sites, decoder_blocks, linear_sites, select_sites
+from qgraph.inputs import is_int
 from qgraph.ops.nf4 import quantize_nf4 as quantize_weight
 from qgraph.pipeline import PassContext, PassResult, PassSpec, options_dict
 from qgraph.report import REWRITTEN, SKIPPED, PassReport, SiteRecord
@@ -28,7 +29,7 @@ class NF4Options:
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be True or False, got {self.double_quant!r}")
         # 64.0 == 64 and True == 1: only ints, which bitsandbytes' op schema takes
-        if type(self.blocksize) is not int or self.blocksize not in BNB_BLOCKSIZES:
+        if not is_int(self.blocksize) or self.blocksize not in BNB_BLOCKSIZES:
             raise ValueError(f"blocksize={self.blocksize!r} is not one bitsandbytes supports; use one of "
                              f"{BNB_BLOCKSIZES}, an int")
         object.__setattr__(self, "include", as_patterns(self.include))

@@ -173,12 +173,10 @@ def _example_kwargs(example_inputs: Any) -> dict[str, Any]:
     elif isinstance(example_inputs, (tuple, list)) and 1 <= len(example_inputs) <= 2:
         named = dict(zip(("input_ids", "attention_mask"), example_inputs))
     else:
-        named = None
-    if named is not None:
-        return {name: value for name, value in named.items() if value is not None}  # (ids, None): no mask given
-    raise CaptureError(f"example_inputs for a Hugging Face model are the input_ids, (input_ids, attention_mask) or a "
-                       f"dict of them (a tokenizer's output), got {type(example_inputs).__name__}"
-                       f"{f' of {len(example_inputs)}' if isinstance(example_inputs, (tuple, list)) else ''}")
+        count = f" of {len(example_inputs)}" if isinstance(example_inputs, (tuple, list)) else ""
+        raise CaptureError(f"example_inputs for a Hugging Face model are the input_ids, (input_ids, attention_mask) or "
+                           f"a dict of them (a tokenizer's output), got {type(example_inputs).__name__}{count}")
+    return {name: value for name, value in named.items() if value is not None}  # (ids, None): no mask given
 
 
 # --- plain modules ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from qgraph.errors import QGraphError
+from qgraph.inputs import is_int, scalar
 from qgraph.ops.fused_inference import fused_inference
 
 
@@ -145,23 +146,17 @@ def _check_arguments(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise QGraphError(f"{input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
                           f"{limit} positions the model was captured with; shorten the prompt or generate fewer")
-    if isinstance(temperature, bool) or not isinstance(_scalar(temperature), numbers.Real):
+    if isinstance(temperature, bool) or not isinstance(scalar(temperature), numbers.Real):
         raise TypeError(f"temperature must be a positive number, got {temperature!r}")
-    if not _scalar(temperature) > 0:
+    if not scalar(temperature) > 0:
         raise QGraphError(f"temperature must be positive, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise TypeError(f"top_k must be a positive integer or None, got {top_k!r}")
 
 
-def _scalar(value: object) -> object:
-    """A one-element tensor as its Python number (numpy scalars are numbers already); anything else as it is."""
-    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
-
-
 def _is_int(value: object) -> bool:
     """An integer (Python, numpy, a one-element integer tensor), and not a bool."""
-    value = _scalar(value)
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return is_int(scalar(value))
 
 
 def _pad_id(pad_token_id: object, eos: Tensor, model: nn.Module) -> Tensor:
@@ -182,7 +177,7 @@ def _token_ids(name: str, value: object, model: nn.Module, device: torch.device,
     if not isinstance(ids, (list, tuple)) or (single and len(ids) != 1) or not all(map(_is_int, ids)):
         kind = "an integer token id" if single else "an integer token id or a list of them"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
-    ids = [int(_scalar(token)) for token in ids]
+    ids = [int(scalar(token)) for token in ids]
     vocab_size = getattr(getattr(getattr(model, "info", None), "config", None), "vocab_size", None)
     if vocab_size is not None:
         for token in ids:

@@ -10,11 +10,30 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from qgraph.errors import QGraphError
 from qgraph.loss import IGNORE_INDEX
+
+
+def is_int(value: object) -> bool:
+    """A Python integer, and not a bool: what an integer option takes (True == 1 is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def scalar(value: object) -> object:
+    """A numpy scalar or a one-element tensor as its Python number; anything else as it is."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return value.item()
+    return value
+
+
+def value_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor, read back in one host sync."""
+    low, high = torch.stack(torch.aminmax(tensor)).tolist()
+    return low, high
 
 
 def check_model(model: nn.Module) -> None:
@@ -87,7 +106,7 @@ def _check_token_labels(labels: torch.Tensor, vocab_size: int | None) -> None:
     if vocab_size is None or not labels.numel():
         return
     # one host sync: the skipped positions read as 0, inside any vocabulary
-    low, high = torch.stack(torch.aminmax(labels.masked_fill(labels == IGNORE_INDEX, 0))).tolist()
+    low, high = value_range(labels.masked_fill(labels == IGNORE_INDEX, 0))
     if low < 0 or high >= vocab_size:
         raise QGraphError(f"labels holds {low if low < 0 else high}, neither a token id of the model's vocabulary "
                           f"(0..{vocab_size - 1}) nor {IGNORE_INDEX} (a position the loss skips); build labels from "
@@ -110,7 +129,7 @@ def _check_class_labels(labels: object, input_ids: torch.Tensor, config: Any) ->
     if labels.numel() != batch:
         raise QGraphError(f"labels has shape {tuple(labels.shape)}: integer labels are one class per sequence, "
                           f"shape ({batch},); for multi-label targets pass float labels of shape (batch, num_labels)")
-    low, high = torch.stack(torch.aminmax(labels)).tolist()
+    low, high = value_range(labels)
     if low < 0 or high >= num_labels:
         raise QGraphError(f"labels holds class {low if low < 0 else high}, but the classifier has "
                           f"num_labels={num_labels} (classes 0..{num_labels - 1}); check the label mapping or the "
@@ -118,8 +137,8 @@ def _check_class_labels(labels: object, input_ids: torch.Tensor, config: Any) ->
 
 
 def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
-    low, high = torch.aminmax(input_ids)
-    if int(low) >= 0 and int(high) < vocab_size:
+    low, high = value_range(input_ids)
+    if low >= 0 and high < vocab_size:
         return
     bad = ((input_ids < 0) | (input_ids >= vocab_size)).nonzero()[0].tolist()
     value = int(input_ids[bad[0], bad[1]])

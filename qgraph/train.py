@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from qgraph.inputs import is_int
 from qgraph.module import QGraphModule
 from qgraph.optim import param_groups
 from qgraph.side_network import SIDE_NETWORK_LR
@@ -21,7 +22,7 @@ def check_run_sizes(*, steps: int, batch_size: int, block_len: int, eval_blocks:
     if eval_blocks is not None:
         sizes["eval_blocks"] = (eval_blocks, 1)
     for name, (value, least) in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
