@@ -12,6 +12,7 @@ from rich.console import Console
 import qgraph
 from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import PlanError
+from qgraph.export.program import deployable
 from qgraph.export.report import ExportReport
 from qgraph.models import byte_tokenizer, resolve_model
 from qgraph.plans import get_plan, resolve_steps, steps_train
@@ -55,22 +56,26 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
     if steps:
         if not qm.trainable_parameters():
             raise PlanError(f"plan {qm.plan.name!r} has nothing to train; export it with --steps 0")
-        # a plan the format cannot take fails before the training steps, not after them; each check finalizes a
-        # copy (and with decode builds its decode graph), which the export repeats: worth it only ahead of steps
+        # a plan a format cannot take fails before the training steps, not after them: one finalized copy,
+        # checked against every format (the trained module is finalized again below)
+        untrained, _ = deployable(qm)
         for format in formats:
-            qgraph.export.check_fits(qm, format, **export_options_of[format])
+            qgraph.export.check_fits(untrained, format, **export_options_of[format])
         # a tiny random model has a byte-sized vocabulary and no tokenizer of its own
         train_text, _ = train_heldout_split()
         blocks = token_blocks(train_text, tokenizer or byte_tokenizer(), block_len)
         train_causal_lm(qm, batches(blocks, batch_size, seed=SEED, steps=steps), default_optimizer(qm),
                         steps=steps, console=console, description=f"training {qm.plan.name}")
     name = Path(model_spec).name if Path(model_spec).is_dir() else model_spec
+    finalized, notes = deployable(qm)  # once, for every format
+    for note in notes:
+        console.print(note, style="yellow")
     reports = []
     for format in formats:
         suffix = qgraph.export.get_target(format).suffixes[0]
         kind = f"{'-aoti' if format == 'aoti' else ''}{'-decode' if decode else ''}"
         path = out_dir / f"{name}-{qm.plan.name}{kind}{suffix}"
         with console.status(f"exporting to {format} and running it in its runtime"):
-            reports.append(qgraph.export.export_report(qm, path, format=format, console=console,
+            reports.append(qgraph.export.export_report(finalized, path, format=format, console=console,
                                                        **export_options_of[format]))
     return reports

@@ -138,6 +138,25 @@ def test_export_reads_formats_without_case_and_names_each_file_apart(tmp_path, m
     assert [path.name for path in written] == ["tiny-llama-nf4.pt2", "tiny-llama-nf4-aoti.pt2"]
 
 
+def test_export_finalizes_once_ahead_of_the_steps_and_once_for_every_format(tmp_path, monkeypatch, capsys):
+    import qgraph.deploy
+    import qgraph.export.program
+
+    finalize, finalized, exported = qgraph.export.program.finalize, [], []
+
+    def counting_finalize(module):
+        finalized.append(finalize(module))
+        return finalized[-1]
+
+    monkeypatch.setattr(qgraph.export.program, "finalize", counting_finalize)
+    monkeypatch.setattr(qgraph.export, "export_report", lambda qm, path, **kwargs: exported.append(qm))
+    qgraph.deploy.export_trained("tiny-llama", plan="lrqat-w4", formats=["pt2", "onnx", "gguf"], out_dir=tmp_path,
+                                 steps=1, batch_size=1, block_len=16)
+    assert len(finalized) == 2  # the untrained copy the formats are checked on, then the trained module
+    assert exported == [finalized[1]] * 3
+    assert "plan 'lrqat-w4' finalized first" in printed(capsys)
+
+
 def test_inspect_takes_a_dtype_and_demo_refuses_sizes_before_loading(capsys, monkeypatch):
     import qgraph.demo
 
