@@ -33,6 +33,5 @@ def write_graph_picture(gm: fx.GraphModule, path: Path, *, depth: int | None = 4
     if suffix == ".dot":
         path.write_text(dot_text)
         return path
-    dot = shutil.which("dot")
-    subprocess.run([dot, f"-T{suffix[1:]}", "-o", str(path)], input=dot_text, text=True, check=True)
+    subprocess.run(["dot", f"-T{suffix[1:]}", "-o", str(path)], input=dot_text, text=True, check=True)
     return path

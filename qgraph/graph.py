@@ -84,8 +84,19 @@ class LinearSite:
         return "module" if self.node.op == "call_module" else str(self.node.target.__name__).split(".")[0]
 
 
+def check_graph_module(gm: object, query: str) -> None:
+    """The graph queries read an `fx.GraphModule`; a module (the model, what transform returned) is told where
+    its graph is instead of failing on a missing `.graph`."""
+    if isinstance(gm, fx.GraphModule):
+        return
+    where = ("qm.graph_module" if isinstance(getattr(gm, "graph_module", None), fx.GraphModule)
+             else "qgraph.capture(model)")
+    raise TypeError(f"{query} reads a torch.fx.GraphModule; got {type(gm).__name__}: pass {where}")
+
+
 def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     """Every matmul of an activation against a weight attribute, in graph order."""
+    check_graph_module(gm, "linear_sites")
     sites = []
     for node in gm.graph.nodes:
         site = _as_linear_site(gm, node)
@@ -165,10 +176,14 @@ def matches_any(path: str, patterns: Sequence[str]) -> bool:
 
 
 def select_sites(
-    sites: Iterable[LinearSite], include: Sequence[str], exclude: Sequence[str] = ()
+    sites: Iterable[LinearSite], include: str | Sequence[str], exclude: str | Sequence[str] = ()
 ) -> list[LinearSite]:
-    """Sites whose module path matches any `include` glob and no `exclude` glob."""
-    return [s for s in sites if matches_any(s.path, include) and not matches_any(s.path, exclude)]
+    """Sites whose module path matches any `include` glob and no `exclude` glob (one string is one glob, as in
+    the passes' options: iterated, "model.layers.0.*" would be its characters, and "*" matches every path)."""
+    include_globs, exclude_globs = as_patterns(include), as_patterns(exclude) or ()
+    if include_globs is None:
+        raise ValueError("select_sites needs include globs; ['*'] selects every site")
+    return [s for s in sites if matches_any(s.path, include_globs) and not matches_any(s.path, exclude_globs)]
 
 
 # --- decoder blocks -------------------------------------------------------------------------------------
@@ -187,6 +202,7 @@ class Block:
 
 def decoder_blocks(gm: fx.GraphModule) -> list[Block]:
     """The decoder blocks: children `prefix.<i>` of the module list that holds the most linear sites."""
+    check_graph_module(gm, "decoder_blocks")
     members: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         for path, _ in module_stack(node):
@@ -240,6 +256,7 @@ def block_sites(gm: fx.GraphModule) -> list[LinearSite]:
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """The data-flow graph: one node per fx node (op, target, module path), one edge per use."""
+    check_graph_module(gm, "to_networkx")
     graph = nx.DiGraph()
     for node in gm.graph.nodes:
         graph.add_node(node.name, op=node.op, target=_target_name(node), path=module_path(node))
@@ -285,6 +302,10 @@ def to_dot(gm: fx.GraphModule, *, depth: int | None = 4) -> str:
 
     qgraph ops are orange and plain linears blue, so a rewrite shows at a glance.
     """
+    check_graph_module(gm, "to_dot")
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+        raise ValueError(f"to_dot's depth is an int >= 1 (module paths cut to that many parts) or None (every "
+                         f"node), got {depth!r}")
     lines = ["digraph qgraph {", '  rankdir=TB; node [shape=box, style="rounded,filled", fontname="Helvetica"];']
     if depth is None:
         graph = to_networkx(gm)
@@ -326,6 +347,7 @@ def count_ops(gm: fx.GraphModule) -> dict[object, int]:
     """Node count per op (`torch.ops.qgraph.nf4_linear`, overloads merged): what structure tests compare.
 
     Ops inside checkpoint regions count too: a region changes when values are kept, not what runs."""
+    check_graph_module(gm, "count_ops")
     counts: dict[object, int] = {}
     for node in flat_graph(gm).nodes:
         if node.op == "call_function":

@@ -109,6 +109,17 @@ def test_select_sites_with_globs(llama_capture):
     assert select_sites(sites, ["*"], ["*"]) == []
 
 
+def test_one_string_glob_is_one_glob_not_its_characters(llama_capture):
+    sites = linear_sites(llama_capture[1])
+    assert select_sites(sites, "model.layers.0.*") == select_sites(sites, ["model.layers.0.*"])
+    assert len(select_sites(sites, "model.layers.0.*")) == 7
+    assert [s.path for s in select_sites(sites, "model.layers.0.mlp.up_proj")] == ["model.layers.0.mlp.up_proj"]
+    assert len(select_sites(sites, "*", exclude="model.layers.0.*")) == 7 * LAYERS + 1 - 7
+    for bad in (5, [5], None):
+        with pytest.raises(ValueError, match="glob"):
+            select_sites(sites, bad)
+
+
 def test_block_sites_exclude_the_lm_head(llama_capture):
     _, gm = llama_capture
     sites = block_sites(gm)
@@ -250,3 +261,18 @@ def test_count_ops(llama_capture, gpt2_capture, llama_nf4):
 @pytest.mark.parametrize("depth", [1, 2, 6])
 def test_to_dot_depths_stay_valid(llama_capture, depth):
     _assert_valid_dot(to_dot(llama_capture[1], depth=depth))
+
+
+@pytest.mark.parametrize("query", [linear_sites, decoder_blocks, to_networkx, to_dot, count_ops, block_sites])
+def test_graph_queries_given_a_module_say_where_its_graph_is(llama_capture, llama_nf4, query):
+    model, _ = llama_capture
+    with pytest.raises(TypeError, match=r"got LlamaForCausalLM: pass qgraph.capture\(model\)"):
+        query(model)
+    with pytest.raises(TypeError, match=r"got HFQGraphModule: pass qm.graph_module"):
+        query(llama_nf4[1])
+
+
+@pytest.mark.parametrize("depth", [0, -1, 1.5, "2", True])
+def test_to_dot_refuses_a_depth_it_cannot_cut_paths_to(llama_capture, depth):
+    with pytest.raises(ValueError, match="depth is an int >= 1"):
+        to_dot(llama_capture[1], depth=depth)
