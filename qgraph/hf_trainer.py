@@ -17,13 +17,16 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
-from qgraph.errors import QGraphError
+from qgraph.errors import PretrainedError, QGraphError
 from qgraph.module import QGraphModule
 from qgraph.pretrained import from_pretrained
 from qgraph.saved_state import CONFIG_FILE
+from qgraph.train import check_trains
 
 
 class QGraphTrainer(Trainer):
@@ -44,9 +47,16 @@ class QGraphTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as Trainer keeps it beside the model
 
+    def train(self, *args, **kwargs):
+        check_trains(self._qgraph_module())  # before the Trainer sets anything up (evaluate needs no training)
+        return super().train(*args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if not (Path(resume_from_checkpoint) / CONFIG_FILE).is_file():
-            super()._load_from_checkpoint(resume_from_checkpoint, model)  # a checkpoint of the plain Trainer
+            # a checkpoint of the plain Trainer: its loader overwrites tensor by tensor and fails at the first
+            # mismatch, so another plan's or rank's checkpoint is compared first
+            check_plain_checkpoint(self._qgraph_module(), Path(resume_from_checkpoint))
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
         from_pretrained(self._qgraph_module(), resume_from_checkpoint)
 
@@ -59,3 +69,34 @@ class QGraphTrainer(Trainer):
 
     def _qgraph_module(self) -> QGraphModule:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+
+def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape in a plain Trainer checkpoint's weights file (read without loading the tensors), or
+    None where the directory holds neither file the Trainer writes for a module that is not a PreTrainedModel."""
+    safetensors_file, torch_file = directory / SAFE_WEIGHTS_NAME, directory / WEIGHTS_NAME
+    if safetensors_file.is_file():
+        with safe_open(str(safetensors_file), framework="pt") as reader:
+            return {name: tuple(reader.get_slice(name).get_shape()) for name in reader.keys()}
+    if torch_file.is_file():
+        state = torch.load(torch_file, map_location="cpu", mmap=True, weights_only=True)
+        return {name: tuple(tensor.shape) for name, tensor in state.items()}
+    return None
+
+
+def check_plain_checkpoint(qm: QGraphModule, directory: Path) -> None:
+    """Refuse a plain Trainer checkpoint whose tensors are not this module's (another plan, rank or model),
+    before any of them is loaded."""
+    saved = checkpoint_shapes(directory)
+    if saved is None:
+        return  # the Trainer names what is missing
+    expected = {name: tuple(tensor.shape) for name, tensor in qm.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    wrong_shape = [name for name in sorted(expected.keys() & saved.keys()) if expected[name] != saved[name]]
+    if not (missing or unexpected or wrong_shape):
+        return
+    first = (f"{wrong_shape[0]} is {list(saved[wrong_shape[0]])} there, {list(expected[wrong_shape[0]])} here"
+             if wrong_shape else f"{len(missing)} of this module's tensors missing (e.g. {missing[0]})"
+             if missing else f"{len(unexpected)} tensors this module has not (e.g. {unexpected[0]})")
+    raise PretrainedError(f"the checkpoint in {directory} is not of this module (plan {qm.plan.name!r}): {first}; "
+                          "resume with the plan and options it was trained with. Nothing was loaded")

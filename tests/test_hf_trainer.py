@@ -140,3 +140,41 @@ def test_trainer_bf16_runs_the_plan_in_mixed_precision(plan, tmp_path):
     assert seen.dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in qm.trainable_parameters())
     assert all(not torch.equal(p.detach(), before[name]) for name, p in qm.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("saved_with", [{"plan": "lrqat-w4", "rank": 8}, {"plan": "qst-nf4"}])
+def test_a_plain_checkpoint_of_another_plan_or_rank_is_refused_before_anything_loads(saved_with, tmp_path):
+    import transformers
+
+    from qgraph.errors import PretrainedError
+    from qgraph.hf_trainer import QGraphTrainer
+
+    other = qgraph.transform(tiny_causal_lm("llama", layers=1), **saved_with)
+    _trainer(transformers.Trainer, other, tmp_path / "plain", 2).train()
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "lrqat-w4")
+    before = {name: t.clone() for name, t in qm.state_dict().items()}
+    with pytest.raises(PretrainedError, match="is not of this module \\(plan 'lrqat-w4'\\).*Nothing was loaded"):
+        _trainer(QGraphTrainer, qm, tmp_path / "run", 4).train(
+            resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+    assert all(torch.equal(t, before[name]) for name, t in qm.state_dict().items())
+
+
+def test_qgraph_trainer_refuses_to_train_a_module_with_nothing_to_train(tmp_path):
+    from qgraph.errors import PlanError
+    from qgraph.hf_trainer import QGraphTrainer
+
+    trainer = _trainer(QGraphTrainer, qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4"), tmp_path, 2)
+    with pytest.raises(PlanError, match="plan 'nf4' has nothing to train"):
+        trainer.train()
+
+
+def test_qgraph_trainer_resumes_a_plain_checkpoint_of_the_same_plan(tmp_path):
+    import transformers
+
+    from qgraph.hf_trainer import QGraphTrainer
+
+    saved = qgraph.transform(tiny_causal_lm("llama", layers=1), "lrqat-w4")
+    _trainer(transformers.Trainer, saved, tmp_path / "plain", 2).train()
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "lrqat-w4")
+    _trainer(QGraphTrainer, qm, tmp_path / "run", 2)._load_from_checkpoint(str(tmp_path / "plain" / "checkpoint-2"))
+    assert all(torch.equal(p, saved.state_dict()[name]) for name, p in _trainable(qm).items())
