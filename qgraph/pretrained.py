@@ -11,7 +11,10 @@ from typing import Any
 from torch import nn
 
 from qgraph.api import transform
+from qgraph.compile import compile_mode
+from qgraph.errors import QGraphError
 from qgraph.fingerprint import weights_digest
+from qgraph.inputs import check_model
 from qgraph.module import QGraphModule
 from qgraph.saved_state import (
     CONFIG_FILE, SavedState, applied_plan, check_base_model, check_plan, check_tensors, load_tensors, read_saved,
@@ -31,11 +34,20 @@ def from_pretrained(model: nn.Module, directory: str | Path, *, compile: bool | 
     returned. The save is read and verified first (files, format, size and sha256, the base model's
     class, config and weights, every tensor's name, shape and dtype): a mismatch raises
     `PretrainedError` naming what differs, with `model` untouched. `compile` and `example_inputs` are
-    passed to transform.
+    passed to transform; a module loaded in place keeps how it was transformed and refuses them.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"from_pretrained takes the base model (a torch.nn.Module) the run was trained on, or the "
+                        f"module transform returned, got {type(model).__name__}")
+    compile_mode(compile)
     saved = read_saved(directory)
     if isinstance(model, QGraphModule):
+        if compile is not False or example_inputs is not None:
+            raise QGraphError("compile= and example_inputs= apply where from_pretrained transforms a base model; this "
+                              "module was transformed already and keeps how transform made it (its compile= and "
+                              "example_inputs=)")
         return _load_in_place(saved, model)
+    check_model(model)  # not materialized: named as such, not as other weights
     config = model.config if hasattr(getattr(model, "config", None), "model_type") else None  # as capture reads it
     check_base_model(saved, type(model).__name__, config, weights_digest(model))
     qm = transform(model, saved.plan, compile=compile, example_inputs=example_inputs, dtype=saved_dtype(saved))

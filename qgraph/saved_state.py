@@ -39,6 +39,11 @@ from qgraph.fingerprint import tensors_digest
 from qgraph.plans import PassConfig, Plan, get_plan, resolve_steps
 
 FORMAT = 1
+# the JSON fields the loader reads before it can check anything else, and the types save_pretrained writes
+FIELD_TYPES = {
+    "trainable": {"file": str, "bytes": int, "sha256": str},
+    "base_model": {"class": str, "config": (dict, type(None)), "weights_digest": str},
+}
 CONFIG_FILE = "qgraph_pretrained.json"
 TENSOR_PREFIX, TENSOR_SUFFIX = "trainable-", ".safetensors"
 # Config keys that describe how a model was loaded or is called, not what it computes.
@@ -123,10 +128,12 @@ def save_pretrained(qm: nn.Module, directory: str | Path) -> Path:
 
     Everything is checked and serialised in memory before the first byte is written.
     """
-    directory = Path(directory)
+    directory = as_directory(directory, "save_pretrained")
     tensors = _tensors_to_save(qm)
-    if directory.exists() and not directory.is_dir():
-        raise PretrainedError(f"cannot save into {directory}: it is a file; name a directory")
+    existing = next(path for path in (directory, *directory.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        where = "it is a file" if existing == directory else f"{existing} is a file"
+        raise PretrainedError(f"cannot save into {directory}: {where}; name a directory")
     payload = safetensors.torch.save({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
                                      metadata={"format": "pt", "qgraph_format": str(FORMAT)})
     sha256 = hashlib.sha256(payload).hexdigest()
@@ -220,9 +227,17 @@ class SavedState:
         return self.directory / self.meta["trainable"]["file"]
 
 
+def as_directory(directory: object, caller: str) -> Path:
+    """A directory argument as a Path; anything but a str or os.PathLike is refused by name (pathlib's own
+    TypeError names no argument)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{caller} takes a directory path (a str or os.PathLike), got {directory!r}")
+    return Path(directory)
+
+
 def read_saved(directory: str | Path) -> SavedState:
     """Read and verify a save: its JSON, its format, the tensor file's size and sha256, the tensors."""
-    directory = Path(directory)
+    directory = as_directory(directory, "from_pretrained")
     meta = _read_meta(directory)
     trainable = meta["trainable"]
     name = trainable.get("file", "")
@@ -273,6 +288,11 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if missing or not all(isinstance(meta[key], dict) for key in ("plan", "base_model", "trainable")):
         raise PretrainedError(f"{path} lacks {', '.join(missing) or 'the fields save_pretrained writes'}: "
                               "it is corrupt; save again")
+    wrong = [f"{section}.{key}" for section, fields in FIELD_TYPES.items() for key, kinds in fields.items()
+             if not isinstance(meta[section].get(key), kinds) or isinstance(meta[section].get(key), bool)]
+    if wrong:
+        raise PretrainedError(f"{path} holds {', '.join(wrong)} of another type than save_pretrained writes: it was "
+                              "edited or is corrupt; save again")
     return meta
 
 
@@ -289,8 +309,9 @@ def check_base_model(saved: SavedState, model_class: str, config: Any, digest: s
                               + "; ".join(differences[:5]) + "): load it into the model it was trained on")
     if digest != base.get("weights_digest"):
         raise PretrainedError(f"{where} was trained on a {model_class} with other weights (same config and shapes, "
-                              f"weights digest {base.get('weights_digest')} saved, {digest} here): load it into the "
-                              "checkpoint it was trained on")
+                              f"weights digest {base.get('weights_digest')} saved, {digest} here; the digest reads "
+                              "values and dtypes, so a cast model differs too): load it into the checkpoint it was "
+                              "trained on, as it was loaded then")
 
 
 def _dict_differences(saved: dict | None, current: dict | None) -> list[str]:

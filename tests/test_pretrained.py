@@ -232,6 +232,10 @@ DAMAGES = {
                                 r"tensor 'model\.\S+' is torch.float32 \(3, 5\) in the file, "
                                 r"torch.float32 \(\d+, \d+\)"),
     "extra tensor": (lambda d: rewrite_tensors(d, add_a_tensor), r"holds 1 tensor\(s\) this module does not train"),
+    "bytes edited to text": (lambda d: edit_meta(d, lambda m: m["trainable"].update(bytes="abc")),
+                             r"holds trainable.bytes of another type .* edited or is corrupt"),
+    "config edited to text": (lambda d: edit_meta(d, lambda m: m["base_model"].update(config="abc")),
+                              r"holds base_model.config of another type"),
 }
 
 
@@ -306,3 +310,46 @@ def test_a_module_with_nothing_trained_is_refused_before_anything_is_written(lrq
     (tmp_path / "file").write_text("")
     with pytest.raises(QGraphError, match="it is a file; name a directory"):
         qm.save_pretrained(tmp_path / "file")
+
+
+@pytest.mark.parametrize("call", ["save None", "save 3", "load None", "load bytes", "load a string model"])
+def test_path_and_model_arguments_of_another_type_are_named(lrqat_saved, call):
+    qm, directory = lrqat_saved
+    calls = {
+        "save None": (lambda: qm.save_pretrained(None), "save_pretrained takes a directory path"),
+        "save 3": (lambda: qm.save_pretrained(3), "save_pretrained takes a directory path"),
+        "load None": (lambda: qgraph.from_pretrained(make_llama(), None), "from_pretrained takes a directory path"),
+        "load bytes": (lambda: qgraph.from_pretrained(make_llama(), bytes(directory)),
+                       "from_pretrained takes a directory path"),
+        "load a string model": (lambda: qgraph.from_pretrained("tiny-llama", directory),
+                                "from_pretrained takes the base model .* got str"),
+    }
+    run, message = calls[call]
+    with pytest.raises(TypeError, match=message):
+        run()
+
+
+def test_saving_under_a_file_names_the_file(lrqat_saved, tmp_path):
+    qm, _ = lrqat_saved
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PretrainedError, match=r"cannot save into .*a-file/sub/run: .*a-file is a file"):
+        qm.save_pretrained(tmp_path / "a-file" / "sub" / "run")
+
+
+def test_loading_in_place_refuses_compile_and_example_inputs_it_cannot_apply(lrqat_saved, lrqat_target):
+    _, directory = lrqat_saved
+    before = state_of(lrqat_target)
+    for kwargs in ({"compile": True}, {"example_inputs": IDS}):
+        with pytest.raises(qgraph.QGraphError, match="this module was transformed already"):
+            qgraph.from_pretrained(lrqat_target, directory, **kwargs)
+    with pytest.raises(qgraph.QGraphError, match="compile must be False, True"):
+        qgraph.from_pretrained(lrqat_target, directory, compile="yes")
+    assert_state_unchanged(lrqat_target, before)
+
+
+def test_a_base_model_on_the_meta_device_is_named_as_such(lrqat_saved):
+    _, directory = lrqat_saved
+    with torch.device("meta"):
+        model = make_llama()
+    with pytest.raises(qgraph.QGraphError, match="on the meta device"):
+        qgraph.from_pretrained(model, directory)
