@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from qgraph.errors import PlanError
 from qgraph.graph import (CHECKPOINT, Block, as_patterns, checkpointed_module, decoder_blocks, flat_graph,
                           matches_any)
 from qgraph.recompute import is_linear_op
@@ -95,14 +96,25 @@ def insert_checkpoints(gm: fx.GraphModule, context: PassContext, options: Checkp
     else:
         _checkpoint_blocks(gm, options, report)
     if not report.with_action(ADDED):
+        globs_chose_none = not report.matched and (options.target == "modules" or (
+            options.include is not None or bool(options.exclude)) and bool(decoder_blocks(gm)))
+        if globs_chose_none:  # the user's globs chose the regions and chose none: an error, as lrqat's include= is
+            raise PlanError(f"{PASS_NAME}: {_nothing_found(options)}; checkpoint globs name module paths, e.g. "
+                            f"{_example_paths(gm, options)}")
         report.notes.append(_nothing_found(options))
     return PassResult(gm, modified=bool(report.with_action(ADDED)), report=report)
 
 
 def _nothing_found(options: CheckpointOptions) -> str:
     if options.target == "modules":
-        return f"no call_module node matches include={list(options.include)}: no checkpoint regions"
+        return f"no module matches include={list(options.include)}: no checkpoint regions"
     return "no decoder block selected (none found, or include/exclude matched none): no checkpoint regions"
+
+
+def _example_paths(gm: fx.GraphModule, options: CheckpointOptions) -> str:
+    paths = ([b.path for b in decoder_blocks(gm)] if options.target == "blocks" else
+             [path for path, _ in gm.named_modules() if path and not path.startswith("_")])
+    return ", ".join(paths[:4]) or "(the graph has none)"
 
 
 def _selected(path: str, options: CheckpointOptions) -> bool:

@@ -140,6 +140,11 @@ def resolve_transform(plan: str | Plan, options: dict[str, Any], *, checkpoint: 
 def check_rewrote_linears(plan: Plan, reports: list[PassReport], gm: nn.Module) -> None:
     """A plan whose linear-rewriting passes ran and rewrote nothing is an error, not a module that trains nothing."""
     ran = [r for r in reports if r.name in LINEAR_PASSES and r.ran]
+    for earlier, report in zip(ran, ran[1:]):
+        if not report.matched and earlier.rewritten:  # each linear is rewritten once: the first pass took them
+            raise PlanError(f"plan {plan.name!r}: {report.name} found no linear layer to rewrite among those "
+                            f"{earlier.name} before it left ({len(earlier.rewritten)} rewritten; each linear is "
+                            "rewritten once). Give the two passes include= globs that select apart, or drop one")
     if not ran or any(r.rewritten for r in ran):
         return
     skipped = [f"{record.path or '(root)'}: {record.reason}" for r in ran for record in r.skipped]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +15,26 @@ class PassConfig:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise PlanError(f"a pass is named by a string (e.g. PassConfig('lrqat')), got {self.name!r}")
+        if not isinstance(self.options, Mapping):
+            raise PlanError(f"pass {self.name!r}: options are a dict of option names to values, got {self.options!r}")
+
 
 @dataclass(frozen=True)
 class Plan:
     name: str
     description: str
     passes: tuple[PassConfig, ...]
+
+    def __post_init__(self) -> None:
+        # a list is taken as the tuple it means; strings and dicts are not passes (each field is read later)
+        if isinstance(self.passes, list):
+            object.__setattr__(self, "passes", tuple(self.passes))
+        if not isinstance(self.passes, tuple) or not all(isinstance(p, PassConfig) for p in self.passes):
+            raise PlanError(f"plan {self.name!r}: passes are a tuple of PassConfig (e.g. (PassConfig('lrqat', "
+                            f"{{'bits': 4}}),)), got {self.passes!r}")
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "description": self.description,
@@ -39,6 +54,8 @@ class Plan:
 
 
 CHECKPOINT_PASS = "insert_checkpoints"
+# the passes that find linear layers or decoder blocks in the graph, and so must run before the blocks are regions
+BEFORE_CHECKPOINTS = ("quantize_nf4", "lrqat", "fake_quant_activations", "attach_side_taps", "fold_lrqat")
 # Every plan that trains through the decoder blocks recomputes them in backward (peqa-w4 too: its
 # scales' gradients need each linear's input, so activations dominate its memory as they do LR-QAT's).
 # rtn-w4 and nf4 train nothing: there is nothing to recompute. Each region keeps what is dearest to
@@ -124,7 +141,11 @@ def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]
     """
     from passes import get_pass
 
+    if not plan.passes:
+        raise PlanError(f"plan {plan.name!r} has no passes: it would return the model as it is; list the passes "
+                        "to run")
     specs = [get_pass(config.name) for config in plan.passes]
+    check_pass_order([spec.name for spec in specs], plan.name)
     per_pass: list[dict[str, Any]] = [dict(config.options) for config in plan.passes]
     valid = sorted({n for s in specs for n in s.option_names()} | {f"{s.name}.{n}" for s in specs for n in s.option_names()})
     for key, value in overrides.items():
@@ -142,6 +163,17 @@ def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]
         except (TypeError, ValueError) as exc:
             raise PlanError(f"pass {spec.name!r}: {exc}") from exc
     return steps
+
+
+def check_pass_order(names: list[str], plan_name: str) -> None:
+    """insert_checkpoints moves each decoder block into a region of its own: a pass after it that looks for
+    linear layers or blocks in the graph finds none."""
+    if CHECKPOINT_PASS not in names:
+        return
+    after = [name for name in names[names.index(CHECKPOINT_PASS) + 1:] if name in BEFORE_CHECKPOINTS]
+    if after:
+        raise PlanError(f"plan {plan_name!r} runs {', '.join(after)} after {CHECKPOINT_PASS}, whose regions hide the "
+                        f"decoder blocks from it; put {CHECKPOINT_PASS} after every pass that rewrites the blocks")
 
 
 CHECKPOINT_CHOICES = ('"blocks" (a region per decoder block)', '"none" (no checkpoints)',

@@ -98,6 +98,43 @@ def test_unknown_pass_in_a_plan():
         resolve_steps(Plan("typo", "", (PassConfig("quantise_nf4"),)), {})
 
 
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: Plan("x", "", ("lrqat",)), r"passes are a tuple of PassConfig .* got \('lrqat',\)"),
+    (lambda: Plan("x", "", ({"name": "lrqat"},)), "passes are a tuple of PassConfig"),
+    (lambda: Plan("x", "", PassConfig("lrqat")), "passes are a tuple of PassConfig"),
+    (lambda: PassConfig("quantize_nf4", None), "pass 'quantize_nf4': options are a dict"),
+    (lambda: PassConfig(get_pass("lrqat")), "a pass is named by a string"),
+])
+def test_a_malformed_plan_is_refused_where_it_is_built(build, message):
+    with pytest.raises(qgraph.PlanError, match=message):
+        build()
+
+
+def test_a_list_of_passes_is_taken_as_the_tuple_it_means():
+    assert Plan("x", "", [PassConfig("lrqat")]).passes == (PassConfig("lrqat"),)
+
+
+@pytest.mark.parametrize(("passes", "message"), [
+    ((), "plan 'custom' has no passes"),
+    ((PassConfig("insert_checkpoints"), PassConfig("lrqat")),
+     "plan 'custom' runs lrqat after insert_checkpoints, whose regions hide the decoder blocks"),
+    ((PassConfig("quantize_nf4"), PassConfig("lrqat")),
+     "plan 'custom': lrqat found no linear layer to rewrite among those quantize_nf4 before it left"),
+])
+def test_a_plan_whose_passes_cannot_all_work_is_refused(tiny_llama, snapshot, passes, message):
+    before = snapshot(tiny_llama)
+    with pytest.raises(qgraph.PlanError, match=message):
+        qgraph.transform(tiny_llama, Plan("custom", "", passes))
+    before.assert_unchanged(tiny_llama)
+
+
+def test_two_linear_passes_over_disjoint_layers_both_rewrite(tiny_llama):
+    plan = Plan("split", "", (PassConfig("quantize_nf4", {"include": ["*.self_attn.*"]}),
+                              PassConfig("lrqat", {"include": ["*.mlp.*"]})))
+    report = qgraph.transform(tiny_llama, plan).report
+    assert len(report["quantize_nf4"].rewritten) and len(report["lrqat"].rewritten)
+
+
 # --- errors raise before anything changes ---------------------------------------------------------------
 
 

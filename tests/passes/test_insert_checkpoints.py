@@ -309,10 +309,20 @@ def test_bad_options_say_what_to_do(kwargs, message):
     assert message in str(err.value)
 
 
-def test_a_glob_matching_nothing_is_a_note_not_an_error():
-    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "nf4", checkpoint={"include": "model.blocks.*"})
-    report = qm.report["insert_checkpoints"]
-    assert not report.records and "include/exclude matched none" in report.notes[0]
+@pytest.mark.parametrize(("plan", "checkpoint", "message"), [
+    ("nf4", {"include": "model.blocks.*"}, "include/exclude matched none.*e.g. model.layers.0"),
+    ("lrqat-w4", {"exclude": "model.layers.*"}, "include/exclude matched none"),
+    ("qst-nf4", {"target": "modules", "include": "side.*"}, r"no module matches include=\['side.\*'\].*e.g. model"),
+])
+def test_globs_that_choose_no_region_are_an_error_naming_the_paths(plan, checkpoint, message):
+    with pytest.raises(qgraph.PlanError, match=message):
+        qgraph.transform(tiny_causal_lm("llama", layers=1), plan, checkpoint=checkpoint)
+
+
+def test_a_model_without_decoder_blocks_gets_a_note_not_an_error():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    report = qgraph.transform(model, "lrqat-w4", example_inputs=(torch.randn(2, 8),)).report["insert_checkpoints"]
+    assert not report.records and "none found" in report.notes[0]
 
 
 def test_qst_side_blocks_are_what_checkpoint_blocks_means_in_qst():
