@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from qgraph.capture import capture, capture_info
+from qgraph.capture import capture, capture_info, made_by_qgraph
 from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype, slow_dtype_warning
 from qgraph.compile import compile_mode
 from qgraph.decode import decode_recipe
@@ -120,7 +120,7 @@ def pass_name_list(argument: str, names: object, pass_names: list[str]) -> list[
 
 def check_transformable(model: object) -> None:
     """transform takes a model (an nn.Module), not its name, and not what transform returned."""
-    if isinstance(model, QGraphModule) or (isinstance(model, torch.fx.GraphModule) and "qgraph" in model.meta):
+    if isinstance(model, nn.Module) and made_by_qgraph(model):
         raise QGraphError("this module was made by qgraph (transform or capture) already; transform the original model "
                           "(each plan starts from the model's own weights), or qgraph.finalize(qm) to fold what was "
                           "trained")

@@ -71,6 +71,13 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None, *,
     (qgraph.cast): a saved training state names the model the user has, not the copy."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"qgraph captures torch.nn.Module objects, got {type(model).__name__}")
+    if made_by_qgraph(model):
+        raise CaptureError("this module was made by qgraph (capture or transform) already: capture the original "
+                           "model; a transformed module's graph is qm.graph_module")
+    if isinstance(example_inputs, Mapping) and not _is_hf_model(model):
+        raise CaptureError(f"a plain module's example_inputs are its positional arguments (a tuple, or one tensor), "
+                           f"got a {type(example_inputs).__name__} with keys {list(example_inputs)}; inputs by name "
+                           "are read for Hugging Face models")
     modes = {module: module.training for module in model.modules()}
     model.eval()  # a compiled graph is captured without dropout; the backbone is frozen anyway
     try:
@@ -90,6 +97,12 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None, *,
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def made_by_qgraph(model: nn.Module) -> bool:
+    """A graph qgraph.capture returned, or a module qgraph.transform returned (it carries the capture's info)."""
+    return ((isinstance(model, torch.fx.GraphModule) and "qgraph" in model.meta)
+            or isinstance(getattr(model, "info", None), CaptureInfo))
 
 
 def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo:

@@ -10,19 +10,34 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 
+from qgraph.inputs import value_range
+
 # input_ids (B, T) -> logits (B, T, V)
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def causal_lm_forward(model: torch.nn.Module) -> LogitsFn:
     """Adapt a Hugging Face causal LM to `input_ids -> logits`, on the model's own device."""
-    device = next(model.parameters()).device
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"causal_lm_forward takes a causal LM (a torch.nn.Module), got {type(model).__name__}")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
 
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
         # use_cache=False: scoring needs no KV cache, and building one costs memory.
         return model(input_ids=input_ids.to(device), use_cache=False).logits
 
     return forward
+
+
+def check_blocks_fit(ids_range: tuple[int, int], vocab_size: int | None = None) -> None:
+    """Token ids (min, max) the logits can score: in [0, vocab_size), once the logits say how many (an
+    embedding's or cross_entropy's own error names neither the ids nor the fix)."""
+    low, high = ids_range
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        allowed = "ids >= 0" if vocab_size is None else f"{vocab_size} ids ([0, {vocab_size - 1}])"
+        raise ValueError(f"blocks hold token ids in [{low}, {high}]; the logits score {allowed}: tokenize with the "
+                         "model's own tokenizer")
 
 
 def perplexity(
@@ -44,6 +59,10 @@ def perplexity(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if blocks.ndim != 2 or blocks.shape[1] < 2 or len(blocks) == 0:
         raise ValueError(f"blocks must be (n_blocks >= 1, block_len >= 2), got {tuple(blocks.shape)}")
+    if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
+        raise TypeError(f"blocks must hold integer token ids, got {blocks.dtype}")
+    ids_range = value_range(blocks)  # one host sync for the whole run
+    check_blocks_fit(ids_range)
     total_nll = 0.0
     scored_tokens = 0
     starts = range(0, len(blocks), batch_size)
@@ -51,8 +70,12 @@ def perplexity(
         for start in track(starts, description=description, disable=not progress, console=Console(stderr=True)):
             input_ids = blocks[start : start + batch_size]
             logits = forward(input_ids)
-            if logits.shape[:2] != input_ids.shape:
+            if not isinstance(logits, torch.Tensor):  # a model passed as it is returns its output class
+                raise TypeError(f"forward must return the logits tensor, got {type(logits).__name__}; for a model, "
+                                "pass qgraph.evaluate.causal_lm_forward(model)")
+            if logits.ndim != 3 or logits.shape[:2] != input_ids.shape:
                 raise ValueError(f"forward returned logits {tuple(logits.shape)} for input_ids {tuple(input_ids.shape)}")
+            check_blocks_fit(ids_range, logits.shape[-1])
             targets = input_ids[:, 1:].to(logits.device)
             # float32 at least, summed in float64: a long run of bf16 sums would drift.
             nll = F.cross_entropy(

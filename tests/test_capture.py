@@ -208,6 +208,15 @@ def test_capture_rejects_non_modules():
         qgraph.capture(lambda x: x)
 
 
+def test_capture_refuses_what_qgraph_made_and_names_for_a_plain_module(tiny_llama):
+    gm = qgraph.capture(tiny_llama)
+    for made in (gm, qgraph.transform(tiny_llama, "nf4")):
+        with pytest.raises(qgraph.CaptureError, match="made by qgraph .* capture the original model"):
+            qgraph.capture(made)
+    with pytest.raises(qgraph.CaptureError, match=r"positional arguments .* got a dict with keys \['x'\]"):
+        qgraph.capture(plain_mlp(), {"x": torch.randn(2, 16)})
+
+
 def test_capture_info_requires_a_qgraph_capture():
     gm = torch.fx.symbolic_trace(plain_mlp())
     with pytest.raises(qgraph.CaptureError, match="not made by qgraph.capture"):

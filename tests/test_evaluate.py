@@ -51,6 +51,24 @@ def test_perplexity_rejects_logits_of_the_wrong_shape():
         perplexity(lambda ids: torch.zeros(ids.shape[0], VOCAB), random_blocks(2, 4), progress=False)
 
 
+def test_perplexity_given_the_model_itself_points_to_causal_lm_forward():
+    model = tiny_causal_lm("llama", vocab=VOCAB)
+    with pytest.raises(TypeError, match="got CausalLMOutputWithPast; for a model, pass .*causal_lm_forward"):
+        perplexity(model, random_blocks(2, 4), progress=False)
+    with pytest.raises(TypeError, match="causal_lm_forward takes a causal LM .* got str"):
+        causal_lm_forward("tiny-llama")
+
+
+@pytest.mark.parametrize(("blocks", "error", "message"), [
+    (random_blocks(2, 4) - VOCAB, ValueError, r"token ids in \[-\d+, -\d+\]; the logits score ids >= 0"),
+    (random_blocks(2, 4) + VOCAB, ValueError, rf"the logits score {VOCAB} ids \(\[0, {VOCAB - 1}\]\)"),
+    (random_blocks(2, 4).float(), TypeError, "integer token ids, got torch.float32"),
+])
+def test_perplexity_names_token_ids_the_logits_cannot_score(blocks, error, message):
+    with pytest.raises(error, match=message):
+        perplexity(lambda ids: torch.zeros(*ids.shape, VOCAB), blocks, progress=False)
+
+
 def test_perplexity_rejects_blocks_too_short_to_score():
     with pytest.raises(ValueError, match="block_len >= 2"):
         perplexity(lambda ids: torch.zeros(*ids.shape, VOCAB), random_blocks(2, 1), progress=False)
