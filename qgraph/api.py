@@ -20,7 +20,7 @@ from qgraph.graph import LINEAR_FORMS, linear_sites
 from qgraph.inputs import check_model
 from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
-from qgraph.plans import Plan, get_plan, resolve_steps, with_checkpoint
+from qgraph.plans import CHECKPOINT_PASS, Plan, get_plan, resolve_steps, with_checkpoint
 from qgraph.report import PassReport, TransformReport
 
 LINEAR_PASSES = ("quantize_nf4", "lrqat")  # the passes that rewrite linear layers
@@ -87,6 +87,7 @@ def transform(
     context = PassContext(example_inputs=capture_info(gm).example_inputs, sources=cast.sources)
     gm, report.passes = run_pipeline(gm, steps, context, skip=skip, print_after=print_after, console=console)
     check_rewrote_linears(plan, report.passes, gm)
+    check_checkpoint_globs(checkpoint, options, report.passes)
     if cast.sources:
         report.dtype = cast_summary(cast, dtype, gm)
 
@@ -160,6 +161,18 @@ def check_rewrote_linears(plan: Plan, reports: list[PassReport], gm: nn.Module) 
         why = f"no linear layer was found; it looks for {LINEAR_FORMS}"
     raise PlanError(f"plan {plan.name!r} rewrote nothing: {why}. Transformers' decoder blocks are selected by "
                     "default; pass include=['<module path glob>'] to select other layers")
+
+
+def check_checkpoint_globs(checkpoint: Any, options: dict[str, Any], reports: list[PassReport]) -> None:
+    """Globs given to the checkpoints themselves (`checkpoint={"include": ...}`, `insert_checkpoints.include=`)
+    that chose no region are an error, as the linear passes' are; a plan-wide `include=` reaches the checkpoints
+    too, and there a note says what they did not find."""
+    keys = ("include", "exclude")
+    asked = (isinstance(checkpoint, dict) and any(key in checkpoint for key in keys)) or any(
+        f"{CHECKPOINT_PASS}.{key}" in options for key in keys)
+    ran = [r for r in reports if r.name == CHECKPOINT_PASS and r.ran]
+    if asked and ran and not ran[0].matched:
+        raise PlanError(f"{CHECKPOINT_PASS}: " + "; ".join(n for n in ran[0].notes if "no checkpoint regions" in n))
 
 
 def freeze_untrained(gm: nn.Module, trainable: set[str]) -> None:

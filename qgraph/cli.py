@@ -124,7 +124,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
                               console=console, **options)
     console.print(qm.report)
     if args.dot:
-        path = write_graph_picture(qm.graph_module, args.dot, depth=args.dot_depth or None)
+        path = write_graph_picture(qm.graph_module, args.dot, depth=args.dot_depth)
         console.print(f"graph drawn to {path}")
     return 0
 

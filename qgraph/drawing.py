@@ -28,7 +28,7 @@ def check_picture_request(path: Path, depth: int | None) -> None:
 def write_graph_picture(gm: fx.GraphModule, path: Path, *, depth: int | None = 4) -> Path:
     """`path` ending in .dot gets DOT text; .svg or .png is rendered with Graphviz's `dot`."""
     check_picture_request(path, depth)
-    dot_text = to_dot(gm, depth=depth)
+    dot_text = to_dot(gm, depth=depth or None)  # 0, as the CLI's --dot-depth: every node
     suffix = path.suffix.lower()
     if suffix == ".dot":
         path.write_text(dot_text)

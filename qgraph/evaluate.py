@@ -76,7 +76,7 @@ def perplexity(
             if logits.ndim != 3 or logits.shape[:2] != input_ids.shape:
                 raise ValueError(f"forward returned logits {tuple(logits.shape)} for input_ids {tuple(input_ids.shape)}")
             check_blocks_fit(ids_range, logits.shape[-1])
-            targets = input_ids[:, 1:].to(logits.device)
+            targets = input_ids[:, 1:].to(logits.device, torch.int64)  # cross_entropy's class indices are int64
             # float32 at least, summed in float64: a long run of bf16 sums would drift.
             nll = F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="sum"

@@ -7,7 +7,7 @@ works for any architecture that captures; nothing here knows a model family by n
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import operator
@@ -164,10 +164,11 @@ def as_patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:
     strings is refused (an int would reach fnmatch as a raw TypeError)."""
     if patterns is None or isinstance(patterns, str):
         return patterns if patterns is None else (patterns,)
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+    globs = tuple(patterns) if isinstance(patterns, Iterable) and not isinstance(patterns, (bytes, Mapping)) else None
+    if globs is None or not all(isinstance(p, str) for p in globs):
         raise ValueError(f"module-path globs must be a string or a list of strings (e.g. ['model.layers.*.mlp.*']), "
                          f"got {patterns!r}")
-    return tuple(patterns)
+    return globs
 
 
 def matches_any(path: str, patterns: Sequence[str]) -> bool:

@@ -36,14 +36,19 @@ def value_range(tensor: torch.Tensor) -> tuple[int, int]:
     return low, high
 
 
-def check_model(model: nn.Module) -> None:
-    """Refuse a model whose tensors are not materialized, or whose weights hold NaN or inf."""
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose tensors are on the meta device (loaded with device_map / offloading, or built there)."""
     unmaterialized = [name for name, tensor in _named_tensors(model) if tensor.device.type == "meta"]
     if unmaterialized:
         raise QGraphError(
             f"{len(unmaterialized)} tensor(s) of the model are on the meta device (not materialized), e.g. "
             f"{', '.join(unmaterialized[:3])}; materialize the model first (model.to_empty(device='cpu') and "
             "load its weights, or load it without device_map / offloading) and transform it then")
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse a model whose tensors are not materialized, or whose weights hold NaN or inf."""
+    check_materialized(model)
     for name, tensor in _named_tensors(model):
         if tensor.is_floating_point():
             bad = int(tensor.numel() - torch.isfinite(tensor).sum())

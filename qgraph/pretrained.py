@@ -14,7 +14,7 @@ from qgraph.api import transform
 from qgraph.compile import compile_mode
 from qgraph.errors import QGraphError
 from qgraph.fingerprint import weights_digest
-from qgraph.inputs import check_model
+from qgraph.inputs import check_materialized
 from qgraph.module import QGraphModule
 from qgraph.saved_state import (
     CONFIG_FILE, SavedState, applied_plan, check_base_model, check_plan, check_tensors, load_tensors, read_saved,
@@ -47,7 +47,7 @@ def from_pretrained(model: nn.Module, directory: str | Path, *, compile: bool | 
                               "module was transformed already and keeps how transform made it (its compile= and "
                               "example_inputs=)")
         return _load_in_place(saved, model)
-    check_model(model)  # not materialized: named as such, not as other weights
+    check_materialized(model)  # named as such, not as a model of other weights
     config = model.config if hasattr(getattr(model, "config", None), "model_type") else None  # as capture reads it
     check_base_model(saved, type(model).__name__, config, weights_digest(model))
     qm = transform(model, saved.plan, compile=compile, example_inputs=example_inputs, dtype=saved_dtype(saved))

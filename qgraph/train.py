@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from qgraph.errors import PlanError
-from qgraph.inputs import is_int
+from qgraph.inputs import is_int, scalar
 from qgraph.module import QGraphModule
 from qgraph.optim import param_groups
 from qgraph.plans import get_plan, plans, resolve_steps, steps_train
@@ -46,9 +46,11 @@ def check_trains(model: nn.Module) -> list[nn.Parameter]:
 def check_optimizer(optimizer: object, trainable: list[nn.Parameter]) -> None:
     """An optimizer instance that steps at least one of the model's trainable parameters: a class, a list of
     parameters or another model's optimizer would fail (or train nothing) only after a backward."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer instance (e.g. qgraph.train.default_optimizer(qm) "
-                        f"or torch.optim.AdamW(qm.trainable_parameters())), got {optimizer!r}")
+    # what the loop calls, not the class: optimizer wrappers that are not Optimizer subclasses step as well
+    if isinstance(optimizer, type) or not all(hasattr(optimizer, name) for name in ("step", "zero_grad",
+                                                                                   "param_groups")):
+        raise TypeError(f"optimizer must be an optimizer instance (e.g. qgraph.train.default_optimizer(qm) or "
+                        f"torch.optim.AdamW(qm.trainable_parameters())), got {optimizer!r}")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(id(p) in held for p in trainable):
         raise ValueError("the optimizer holds none of the model's trainable parameters; build it from this model's "
@@ -66,6 +68,15 @@ def default_optimizer(qm: QGraphModule) -> torch.optim.Optimizer:
     return torch.optim.AdamW(qm.trainable_parameters(), lr=SIDE_NETWORK_LR, betas=(0.9, 0.95), weight_decay=0.0)
 
 
+def known_length(batches: Iterable[torch.Tensor]) -> int | None:
+    """How many batches there are, where that is known up front (a DataLoader over an iterable dataset has a
+    __len__ that raises TypeError)."""
+    try:
+        return len(batches) if isinstance(batches, Sized) else None
+    except TypeError:
+        return None
+
+
 def train_causal_lm(model: nn.Module, batches: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
                     *, steps: int, console: Console | None = None, description: str = "training") -> list[float]:
     """Next-token training: `steps` steps, one on each of the first `steps` of `batches` (input_ids); returns the
@@ -73,10 +84,11 @@ def train_causal_lm(model: nn.Module, batches: Iterable[torch.Tensor], optimizer
     out.
 
     The model trains in train mode and comes back in the mode it had, also when a step fails."""
+    steps = scalar(steps)
     if not is_int(steps) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if isinstance(batches, Sized) and len(batches) < steps:
-        raise ValueError(f"{steps} steps need {steps} batches, got {len(batches)}")
+    if (available := known_length(batches)) is not None and available < steps:
+        raise ValueError(f"{steps} steps need {steps} batches, got {available}")
     check_optimizer(optimizer, check_trains(model))
     was_training = model.training
     model.train()

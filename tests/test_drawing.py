@@ -19,8 +19,9 @@ def test_dot_file_gets_dot_text(nf4_graph, tmp_path):
     assert '"model.layers.0"' in text
 
 
-def test_every_node_depth_names_each_fx_node(nf4_graph, tmp_path):
-    text = write_graph_picture(nf4_graph, tmp_path / "g.dot", depth=None).read_text()
+@pytest.mark.parametrize("depth", [None, 0])
+def test_every_node_depth_names_each_fx_node(nf4_graph, tmp_path, depth):
+    text = write_graph_picture(nf4_graph, tmp_path / "g.dot", depth=depth).read_text()
     assert all(f'"{node.name}"' in text for node in nf4_graph.graph.nodes)
 
 

@@ -69,6 +69,13 @@ def test_perplexity_names_token_ids_the_logits_cannot_score(blocks, error, messa
         perplexity(lambda ids: torch.zeros(*ids.shape, VOCAB), blocks, progress=False)
 
 
+def test_perplexity_takes_token_ids_of_any_integer_dtype():
+    model = tiny_causal_lm("llama", vocab=VOCAB)
+    blocks = random_blocks(2, 8)
+    want = perplexity(causal_lm_forward(model), blocks, progress=False)
+    assert perplexity(causal_lm_forward(model), blocks.int(), progress=False) == pytest.approx(want)
+
+
 def test_perplexity_rejects_blocks_too_short_to_score():
     with pytest.raises(ValueError, match="block_len >= 2"):
         perplexity(lambda ids: torch.zeros(*ids.shape, VOCAB), random_blocks(2, 1), progress=False)

@@ -115,7 +115,9 @@ def test_one_string_glob_is_one_glob_not_its_characters(llama_capture):
     assert len(select_sites(sites, "model.layers.0.*")) == 7
     assert [s.path for s in select_sites(sites, "model.layers.0.mlp.up_proj")] == ["model.layers.0.mlp.up_proj"]
     assert len(select_sites(sites, "*", exclude="model.layers.0.*")) == 7 * LAYERS + 1 - 7
-    for bad in (5, [5], None):
+    assert len(select_sites(sites, {"*.q_proj", "*.k_proj"})) == len(select_sites(sites, (g for g in ["*_proj"]))) - (
+        5 * LAYERS)
+    for bad in (5, [5], None, {"a": 1}):
         with pytest.raises(ValueError, match="glob"):
             select_sites(sites, bad)
 

@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,17 @@ def test_exactly_steps_steps_run_on_the_first_batches():
     assert len(train_causal_lm(qm, fixed_batches(3), optimizer, steps=1)) == 1
     assert len(train_causal_lm(qm, itertools.cycle(fixed_batches(1)), optimizer, steps=2)) == 2  # endless: stops
     assert train_causal_lm(qm, fixed_batches(1), optimizer, steps=0) == []
+    assert len(train_causal_lm(qm, fixed_batches(1), optimizer, steps=np.int64(1))) == 1
+
+
+def test_a_data_loader_over_a_stream_trains_its_steps():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(fixed_batches(1)[0])
+
+    qm = qgraph.transform(tiny_causal_lm("llama"), "lrqat-w4", rank=4)
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=2)
+    assert len(train_causal_lm(qm, loader, torch.optim.AdamW(qm.trainable_parameters()), steps=2)) == 2
 
 
 @pytest.mark.parametrize(("steps", "batches", "message"), [
