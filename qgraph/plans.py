@@ -54,6 +54,10 @@ class Plan:
 
 
 CHECKPOINT_PASS = "insert_checkpoints"
+# options a plain `name=value` override does not reach: insert_checkpoints' globs name decoder blocks, not the
+# linear layers the other passes' include/exclude name (lrqat-w4 with include=['*.mlp.*'] would lose its
+# checkpoints); `checkpoint={...}` or `insert_checkpoints.include=...` sets them
+NAMED_ONLY = frozenset({("insert_checkpoints", "include"), ("insert_checkpoints", "exclude")})
 # the passes that find linear layers or decoder blocks in the graph, and so must run before the blocks are regions
 BEFORE_CHECKPOINTS = ("quantize_nf4", "lrqat", "fake_quant_activations", "attach_side_taps", "fold_lrqat")
 # Every plan that trains through the decoder blocks recomputes them in backward (peqa-w4 too: its
@@ -135,7 +139,7 @@ def steps_train(steps: list[tuple[Any, Any]]) -> bool:
 def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]]:
     """(PassSpec, options instance) per pass, with `overrides` applied.
 
-    An override `name=value` applies to every pass of the plan that has an option `name`;
+    An override `name=value` applies to every pass of the plan that has an option `name` (but NAMED_ONLY's);
     `pass_name.option=value` (as a dict key) to that pass alone. Every unknown name is an error that
     lists the valid ones, raised before anything is captured or changed.
     """
@@ -150,8 +154,8 @@ def resolve_steps(plan: Plan, overrides: dict[str, Any]) -> list[tuple[Any, Any]
     valid = sorted({n for s in specs for n in s.option_names()} | {f"{s.name}.{n}" for s in specs for n in s.option_names()})
     for key, value in overrides.items():
         pass_name, _, option = key.rpartition(".")
-        targets = [i for i, spec in enumerate(specs)
-                   if option in spec.option_names() and (not pass_name or spec.name == pass_name)]
+        targets = [i for i, spec in enumerate(specs) if option in spec.option_names() and (
+            spec.name == pass_name if pass_name else (spec.name, option) not in NAMED_ONLY)]
         if not targets:
             raise PlanError(unknown_name_message("option", key, valid) + f" (plan {plan.name!r})")
         for i in targets:

@@ -319,10 +319,13 @@ def test_globs_that_choose_no_region_are_an_error_naming_the_paths(plan, checkpo
         qgraph.transform(tiny_causal_lm("llama", layers=1), plan, checkpoint=checkpoint)
 
 
-def test_a_plan_wide_include_meant_for_the_linears_leaves_a_note_not_an_error():
-    qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "lrqat-w4", include=["*.mlp.*"])
-    assert len(qm.report["lrqat"].rewritten) == 3
-    assert "its module paths are e.g. model.layers.0" in qm.report["insert_checkpoints"].notes[0]
+def test_a_plan_wide_include_selects_linears_and_leaves_the_blocks_checkpointed():
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4", include=["*.mlp.*"])
+    assert len(qm.report["lrqat"].rewritten) == 3 * 2
+    assert [r.path for r in qm.report["insert_checkpoints"].with_action(ADDED)] == ["model.layers.0", "model.layers.1"]
+    only_first = qgraph.transform(tiny_causal_lm("llama", layers=2), "lrqat-w4",
+                                  **{"insert_checkpoints.include": ["model.layers.0"]})
+    assert [r.path for r in only_first.report["insert_checkpoints"].with_action(ADDED)] == ["model.layers.0"]
 
 
 def test_a_model_without_decoder_blocks_gets_a_note_not_an_error():
