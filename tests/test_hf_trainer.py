@@ -178,3 +178,20 @@ def test_qgraph_trainer_resumes_a_plain_checkpoint_of_the_same_plan(tmp_path):
     qm = qgraph.transform(tiny_causal_lm("llama", layers=1), "lrqat-w4")
     _trainer(QGraphTrainer, qm, tmp_path / "run", 2)._load_from_checkpoint(str(tmp_path / "plain" / "checkpoint-2"))
     assert all(torch.equal(p, saved.state_dict()[name]) for name, p in _trainable(qm).items())
+
+
+def test_qgraph_trainer_checkpoints_a_model_with_tied_embeddings_which_the_plain_trainer_cannot(tmp_path):
+    import transformers
+
+    from qgraph.hf_trainer import QGraphTrainer
+
+    def tied():
+        return qgraph.transform(tiny_causal_lm("llama", layers=1, tie_word_embeddings=True), "lrqat-w4")
+
+    with pytest.raises(RuntimeError, match="Some tensors share memory"):  # README: Known limitations
+        _trainer(transformers.Trainer, tied(), tmp_path / "plain", 2).train()
+    saved = tied()
+    _trainer(QGraphTrainer, saved, tmp_path / "run", 2).train()
+    resumed = tied()
+    _trainer(QGraphTrainer, resumed, tmp_path / "again", 2)._load_from_checkpoint(str(tmp_path / "run" / "checkpoint-2"))
+    assert all(torch.equal(p, saved.state_dict()[name]) for name, p in _trainable(resumed).items())
