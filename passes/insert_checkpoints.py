@@ -95,8 +95,8 @@ def insert_checkpoints(gm: fx.GraphModule, context: PassContext, options: Checkp
     else:
         _checkpoint_blocks(gm, options, report)
     if not report.with_action(ADDED):
-        # a note: a plan-wide include= meant for the linear passes reaches these options too (transform raises
-        # where the globs were given to the checkpoints themselves: qgraph.api.check_checkpoint_globs)
+        # a note: a model without decoder blocks (a plain module) has none to checkpoint; where the user's own
+        # globs chose none, transform raises (qgraph.api.check_checkpoint_globs)
         report.notes.append(f"{_nothing_found(options)}; its module paths are e.g. {_example_paths(gm, options)}")
     return PassResult(gm, modified=bool(report.with_action(ADDED)), report=report)
 

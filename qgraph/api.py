@@ -164,9 +164,9 @@ def check_rewrote_linears(plan: Plan, reports: list[PassReport], gm: nn.Module) 
 
 
 def check_checkpoint_globs(checkpoint: Any, options: dict[str, Any], reports: list[PassReport]) -> None:
-    """Globs given to the checkpoints themselves (`checkpoint={"include": ...}`, `insert_checkpoints.include=`)
-    that chose no region are an error, as the linear passes' are; a plan-wide `include=` reaches the checkpoints
-    too, and there a note says what they did not find."""
+    """Globs given to the checkpoints (`checkpoint={"include": ...}`, `insert_checkpoints.include=`) that chose
+    no region are an error, as the linear passes' are; without globs, a model with no decoder blocks keeps the
+    pass's note."""
     keys = ("include", "exclude")
     asked = (isinstance(checkpoint, dict) and any(key in checkpoint for key in keys)) or any(
         f"{CHECKPOINT_PASS}.{key}" in options for key in keys)
