@@ -98,3 +98,20 @@ def test_a_module_with_nothing_to_train_names_the_plans_that_train():
         train_causal_lm(qm, fixed_batches(1), torch.optim.SGD([torch.zeros(1, requires_grad=True)]), steps=1)
     with pytest.raises(TypeError, match="default_optimizer takes the module qgraph.transform returned"):
         default_optimizer(tiny_causal_lm("llama"))
+
+
+def test_an_optimizer_wrapper_that_steps_is_taken():
+    class Wrapper:  # not a torch.optim.Optimizer subclass, as some schedulers' and libraries' wrappers are not
+        def __init__(self, optimizer):
+            self.optimizer, self.param_groups = optimizer, optimizer.param_groups
+
+        def step(self):
+            self.optimizer.step()
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    qm = qgraph.transform(tiny_causal_lm("llama"), "lrqat-w4", rank=4)
+    before = [p.detach().clone() for p in qm.trainable_parameters()]
+    train_causal_lm(qm, fixed_batches(1), Wrapper(torch.optim.SGD(qm.trainable_parameters(), lr=1.0)), steps=1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, qm.trainable_parameters()))
