@@ -42,6 +42,31 @@ class QGraphModule(nn.Module):
             compiled = compile_graph_module(graph_module, mode)
             self.__dict__["_run"] = compiled.run
             report.compiled = compiled.description
+        self.register_state_dict_post_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_fill_tied_aliases)
+
+    def tied_aliases(self) -> dict[str, str]:
+        """state_dict names of a tensor an earlier name holds (a tied embedding's head) -> that earlier name.
+        state_dict() leaves them out and load_state_dict() fills them in, as transformers' save_pretrained does
+        for a PreTrainedModel: the Trainer writes any other module's state_dict with safetensors, which refuses
+        two names of one tensor (SmolLM2's embed_tokens and lm_head)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, tensor in self.graph_module.state_dict(prefix="graph_module.", keep_vars=True).items():
+            if id(tensor) in first:
+                aliases[name] = first[id(tensor)]
+            else:
+                first[id(tensor)] = name
+        return aliases
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """What transformers' Trainer reads when a checkpoint lacks keys: the tied names (see tied_aliases)."""
+        return list(self.tied_aliases())
+
+    def tie_weights(self) -> None:
+        """The Trainer calls this after loading a checkpoint without the tied names: nothing to do, since a tied
+        name is the same Parameter as the one loaded."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(*args, **kwargs)
@@ -89,6 +114,17 @@ def _cast_refusal(changed: dict[torch.dtype, torch.dtype], held: list[torch.dtyp
         fix = f"qgraph trains in {', '.join(map(str, TRAINING_DTYPES))}: transform the model with one of them (dtype=)"
     return (f"a transformed module's dtypes are fixed by its graph, and this cast would change them ({casts}); "
             f"{fix}. Devices may change: qm.to(device)")
+
+
+def _drop_tied_aliases(module: QGraphModule, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
+    for alias in module.tied_aliases():
+        state_dict.pop(prefix + alias, None)
+
+
+def _fill_tied_aliases(module: QGraphModule, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for alias, kept in module.tied_aliases().items():
+        if prefix + alias not in state_dict and prefix + kept in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + kept]
 
 
 class HFQGraphModule(QGraphModule):

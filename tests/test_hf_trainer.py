@@ -180,18 +180,34 @@ def test_qgraph_trainer_resumes_a_plain_checkpoint_of_the_same_plan(tmp_path):
     assert all(torch.equal(p, saved.state_dict()[name]) for name, p in _trainable(qm).items())
 
 
-def test_qgraph_trainer_checkpoints_a_model_with_tied_embeddings_which_the_plain_trainer_cannot(tmp_path):
+@pytest.mark.parametrize("trainer_class", ["Trainer", "QGraphTrainer"])
+@pytest.mark.parametrize("plan", ["lrqat-w4", "qst-nf4"])
+def test_a_model_with_tied_embeddings_checkpoints_and_resumes_with_either_trainer(trainer_class, plan, tmp_path):
     import transformers
 
     from qgraph.hf_trainer import QGraphTrainer
 
     def tied():
-        return qgraph.transform(tiny_causal_lm("llama", layers=1, tie_word_embeddings=True), "lrqat-w4")
+        return qgraph.transform(tiny_causal_lm("llama", layers=1, tie_word_embeddings=True), plan)
 
-    with pytest.raises(RuntimeError, match="Some tensors share memory"):  # README: Known limitations
-        _trainer(transformers.Trainer, tied(), tmp_path / "plain", 2).train()
-    saved = tied()
-    _trainer(QGraphTrainer, saved, tmp_path / "run", 2).train()
+    cls = QGraphTrainer if trainer_class == "QGraphTrainer" else transformers.Trainer
+    straight = tied()
+    _trainer(cls, straight, tmp_path / "straight", 4).train()
+    _trainer(cls, tied(), tmp_path / "run", 2).train()  # the plain Trainer's save refused the tied pair before
     resumed = tied()
-    _trainer(QGraphTrainer, resumed, tmp_path / "again", 2)._load_from_checkpoint(str(tmp_path / "run" / "checkpoint-2"))
-    assert all(torch.equal(p, saved.state_dict()[name]) for name, p in _trainable(resumed).items())
+    _trainer(cls, resumed, tmp_path / "run", 4).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    want, got = _trainable(straight), _trainable(resumed)
+    assert want.keys() == got.keys() and all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_state_dict_leaves_out_tied_names_and_load_state_dict_fills_them_in():
+    qm = qgraph.transform(tiny_causal_lm("llama", layers=1, tie_word_embeddings=True), "lrqat-w4")
+    assert qm.tied_aliases() == {"graph_module.lm_head.weight": "graph_module.model.embed_tokens.weight"}
+    state = qm.state_dict()
+    assert "graph_module.lm_head.weight" not in state and "graph_module.model.embed_tokens.weight" in state
+    other = qgraph.transform(tiny_causal_lm("llama", layers=1, tie_word_embeddings=True, seed=1), "lrqat-w4")
+    other.load_state_dict(state)  # strict: the tied name is filled in from the one kept
+    assert torch.equal(other.graph_module.lm_head.weight, qm.graph_module.lm_head.weight)
+    assert other.graph_module.lm_head.weight is other.graph_module.model.embed_tokens.weight
+    both = state | {"graph_module.lm_head.weight": state["graph_module.model.embed_tokens.weight"]}
+    other.load_state_dict(both)  # a state holding both names (as state_dict wrote it before) loads too
