@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 
-from qgraph.inputs import value_range
+from qgraph.inputs import holds_integers, value_range
 
 # input_ids (B, T) -> logits (B, T, V)
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -59,7 +59,7 @@ def perplexity(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if blocks.ndim != 2 or blocks.shape[1] < 2 or len(blocks) == 0:
         raise ValueError(f"blocks must be (n_blocks >= 1, block_len >= 2), got {tuple(blocks.shape)}")
-    if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
+    if not holds_integers(blocks):
         raise TypeError(f"blocks must hold integer token ids, got {blocks.dtype}")
     ids_range = value_range(blocks)  # one host sync for the whole run
     check_blocks_fit(ids_range)

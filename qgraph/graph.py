@@ -17,6 +17,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
+from qgraph.inputs import is_int
 from qgraph.recompute import checkpoint
 
 aten = torch.ops.aten
@@ -304,7 +305,7 @@ def to_dot(gm: fx.GraphModule, *, depth: int | None = 4) -> str:
     qgraph ops are orange and plain linears blue, so a rewrite shows at a glance.
     """
     check_graph_module(gm, "to_dot")
-    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+    if depth is not None and (not is_int(depth) or depth < 1):
         raise ValueError(f"to_dot's depth is an int >= 1 (module paths cut to that many parts) or None (every "
                          f"node), got {depth!r}")
     lines = ["digraph qgraph {", '  rankdir=TB; node [shape=box, style="rounded,filled", fontname="Helvetica"];']

@@ -30,6 +30,11 @@ def scalar(value: object) -> object:
     return value
 
 
+def holds_integers(tensor: torch.Tensor) -> bool:
+    """An integer dtype (not float, complex or bool): what token ids and class labels are."""
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
 def value_range(tensor: torch.Tensor) -> tuple[int, int]:
     """(min, max) of an integer tensor, read back in one host sync."""
     low, high = torch.stack(torch.aminmax(tensor)).tolist()
@@ -105,7 +110,7 @@ def _check_same_shape(name: str, tensor: object, input_ids: torch.Tensor) -> Non
 def _check_token_labels(labels: torch.Tensor, vocab_size: int | None) -> None:
     """A causal LM's labels: integer token ids of the vocabulary (forward takes them as int64), or -100 where the
     loss skips a position."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if not holds_integers(labels):
         raise TypeError(f"labels must hold integer token ids (-100 where the loss skips a position), got "
                         f"{labels.dtype}; build them from input_ids (labels = input_ids.clone())")
     if vocab_size is None or not labels.numel():
