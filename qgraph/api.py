@@ -16,7 +16,7 @@ from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype, slow_dt
 from qgraph.compile import compile_mode
 from qgraph.decode import decode_recipe
 from qgraph.errors import PlanError, QGraphError, unknown_name_message
-from qgraph.graph import LINEAR_FORMS, linear_sites
+from qgraph.graph import LINEAR_FORMS, linear_sites, matches_any
 from qgraph.inputs import check_model
 from qgraph.module import QGraphModule, wrap_graph_module
 from qgraph.pipeline import PassContext, run_pipeline
@@ -24,6 +24,8 @@ from qgraph.plans import CHECKPOINT_PASS, Plan, get_plan, resolve_steps, with_ch
 from qgraph.report import PassReport, TransformReport
 
 LINEAR_PASSES = ("quantize_nf4", "lrqat")  # the passes that rewrite linear layers
+# the passes whose include/exclude globs name linear layers by module path
+LINEAR_GLOB_PASSES = (*LINEAR_PASSES, "fake_quant_activations")
 
 
 def transform(
@@ -82,6 +84,7 @@ def transform(
     start = time.perf_counter()
     cast = cast_copy(model, dtype) if dtype is not None else CastModel(model)
     gm = capture(cast.model, example_inputs, weights_of=model)
+    check_globs_name_layers(steps, gm)
     capture_info(gm).cast_to = dtype if cast.sources else None  # None: nothing was cast
     report = TransformReport(plan.name, capture_seconds=time.perf_counter() - start)
     context = PassContext(example_inputs=capture_info(gm).example_inputs, sources=cast.sources)
@@ -161,6 +164,24 @@ def check_rewrote_linears(plan: Plan, reports: list[PassReport], gm: nn.Module) 
         why = f"no linear layer was found; it looks for {LINEAR_FORMS}"
     raise PlanError(f"plan {plan.name!r} rewrote nothing: {why}. Transformers' decoder blocks are selected by "
                     "default; pass include=['<module path glob>'] to select other layers")
+
+
+def check_globs_name_layers(steps: list, gm: nn.Module) -> None:
+    """Every include/exclude glob of a linear-selecting pass names at least one of the captured graph's linear
+    layers. One that names none is a typo: an exclude that excludes nothing quantizes the layers the user meant
+    to keep out, an include beside others silently selects less. Checked before any pass runs."""
+    layers = [site.path for site in linear_sites(gm)]
+    if not layers:  # check_rewrote_linears names what a linear layer is
+        return
+    for spec, options in steps:
+        if spec.name not in LINEAR_GLOB_PASSES:
+            continue
+        for key in ("include", "exclude"):
+            for glob in getattr(options, key) or ():
+                if not any(matches_any(path, (glob,)) for path in layers):
+                    raise PlanError(f"{spec.name}: {key} glob {glob!r} names none of the graph's {len(layers)} linear "
+                                    f"layers (e.g. {', '.join(layers[:3])}): correct it, or drop it. Globs match "
+                                    "whole module paths, e.g. 'model.layers.*.mlp.*'")
 
 
 def check_checkpoint_globs(checkpoint: Any, options: dict[str, Any], reports: list[PassReport]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -84,8 +86,30 @@ def test_a_plan_whose_globs_select_no_layer_names_them_and_the_layers_there_are(
     with pytest.raises(PlanError, match=r"plan 'nf4' rewrote nothing: exclude=\['\*'\] left none of the graph's "
                                         r"\d+ linear layers selected \(e\.g\. model\.layers\.0\.self_attn\.q_proj"):
         qgraph.transform(make_llama(), "nf4", exclude=["*"])
-    with pytest.raises(PlanError, match=r"include=\['nothing\.\*'\] left none of the graph's"):
-        qgraph.transform(make_llama(), "nf4", include=["nothing.*"])
+
+
+@pytest.mark.parametrize(("plan", "options", "named"), [
+    ("nf4", {"include": ["nothing.*"]}, "quantize_nf4: include glob 'nothing.*'"),
+    # the typo beside a glob that does select: it would silently select less
+    ("nf4", {"include": ["*.mlp.*", "model.layer.*.self_attn.*"]}, "include glob 'model.layer.*.self_attn.*'"),
+    # an exclude that excludes nothing would quantize the layers it was meant to keep out
+    ("lrqat-w4", {"exclude": ["model.layer.*.mlp.*"]}, "lrqat: exclude glob 'model.layer.*.mlp.*'"),
+    ("lrqat-w4a8", {"fake_quant_activations.exclude": ["*.down"]}, "fake_quant_activations: exclude glob '*.down'"),
+    ("nf4", {"exclude": "[*.mlp.*]"}, r"exclude glob '[*.mlp.*]'"),  # the CLI's --set exclude=[*.mlp.*], unquoted
+])
+def test_a_glob_that_names_no_linear_layer_is_refused_before_any_pass(plan, options, named, snapshot):
+    model = make_llama()
+    before = snapshot(model)
+    with pytest.raises(PlanError, match=re.escape(named) + r" names none of the graph's \d+ linear layers "
+                                        r"\(e\.g\. model\.layers\.0\.self_attn\.q_proj"):
+        qgraph.transform(model, plan, **options)
+    before.assert_unchanged(model)
+
+
+def test_globs_that_each_name_a_layer_are_taken():
+    qm = qgraph.transform(make_llama(), "lrqat-w4", include=["*.mlp.*", "*.q_proj"], exclude=["*.down_proj"])
+    rewritten = {record.path for record in qm.report.passes[0].rewritten}
+    assert rewritten and all(p.endswith(("gate_proj", "up_proj", "q_proj")) for p in rewritten)
 
 
 # --- the call ---------------------------------------------------------------------------------------------
