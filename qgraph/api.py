@@ -67,17 +67,9 @@ def transform(
     not changed. None: the model's own dtype.
     """
     check_transformable(model)
-    plan, steps = resolve_transform(plan, options, checkpoint=checkpoint)
-    pass_names = [spec.name for spec, _ in steps]
-    skip, print_after = pass_name_list("skip", skip, pass_names), pass_name_list("print_after", print_after, pass_names)
-    if not isinstance(kv_cache, bool):
-        raise TypeError(f"kv_cache must be True or False, got {kv_cache!r}")
-    for name in (*skip, *print_after):
-        if name not in pass_names:
-            raise PlanError(unknown_name_message("pass", name, pass_names) + f" (plan {plan.name!r})")
-
-    check_dtype(dtype)
-    compile_mode(compile)  # refused here, before anything is captured
+    plan, steps, skip, print_after = check_transform_call(plan, options, checkpoint=checkpoint, skip=skip,
+                                                          print_after=print_after, kv_cache=kv_cache, dtype=dtype,
+                                                          compile=compile)
     check_model(model)
     if (slow := slow_dtype_warning(dtype, model)) is not None:
         warnings.warn(slow, stacklevel=2)
@@ -111,6 +103,39 @@ def transform(
         else:
             report.frozen_params += param.numel()
     return wrap_graph_module(gm, report, plan, info, compile=compile, decode_recipe=decode)  # info as the passes left it
+
+
+# transform's own keywords, as against the passes' options
+TRANSFORM_KEYWORDS = ("example_inputs", "compile", "checkpoint", "skip", "print_after", "console", "kv_cache", "dtype")
+
+
+def check_transform_call(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None, skip: Any = (),
+                         print_after: Any = (), kv_cache: Any = True, dtype: Any = None,
+                         compile: Any = False) -> tuple[Plan, list, list[str], list[str]]:
+    """Every check of a transform call that needs no model, in transform's order: the resolved plan and its
+    steps, and skip / print_after as lists of pass names."""
+    plan, steps = resolve_transform(plan, options, checkpoint=checkpoint)
+    pass_names = [spec.name for spec, _ in steps]
+    skip, print_after = pass_name_list("skip", skip, pass_names), pass_name_list("print_after", print_after, pass_names)
+    if not isinstance(kv_cache, bool):
+        raise TypeError(f"kv_cache must be True or False, got {kv_cache!r}")
+    for name in (*skip, *print_after):
+        if name not in pass_names:
+            raise PlanError(unknown_name_message("pass", name, pass_names) + f" (plan {plan.name!r})")
+    check_dtype(dtype)
+    compile_mode(compile)
+    return plan, steps, skip, print_after
+
+
+def check_transform_options(plan: str | Plan, options: dict[str, Any]) -> tuple[Plan, list]:
+    """`transform(model, plan, **options)`'s checks that need no model, for a caller that loads the model
+    after them (the CLI's --set mixes transform's keywords and the passes' options): the plan and its steps."""
+    # example_inputs are checked against the model, at capture; a console is not checked
+    own = {key: value for key, value in options.items() if key in TRANSFORM_KEYWORDS
+           and key not in ("example_inputs", "console")}
+    pass_options = {key: value for key, value in options.items() if key not in TRANSFORM_KEYWORDS}
+    resolved, steps, _, _ = check_transform_call(plan, pass_options, **own)
+    return resolved, steps
 
 
 def pass_name_list(argument: str, names: object, pass_names: list[str]) -> list[str]:

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from qgraph.errors import QGraphError
+from qgraph.errors import PlanError, QGraphError
 
 # the main job: LR-QAT int4 (RTN at step 0), a short training run, then finalize and export
 DEFAULT_PLAN, DEFAULT_STEPS = "lrqat-w4", 10
+# transform's keywords the CLI sets itself, with the flag that sets each (None: none does)
+CLI_SET_KEYWORDS = {"console": None, "skip": "--skip", "print_after": "--print-after"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="transform (or restore), train, finalize and export a model")
     export.add_argument("--model", default="smollm2", help="smollm2, tiny-llama / ..., or a local Hugging Face directory")
-    export.add_argument("--plan", default=DEFAULT_PLAN)
+    export.add_argument("--plan", help=f"the plan to transform with ({DEFAULT_PLAN} unless --from is given)")
     export.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")
     export.add_argument("--steps", type=int, default=0, help="training steps before the export")
     export.add_argument("--from", dest="from_dir", type=Path, metavar="ADAPTERS",
@@ -97,6 +99,23 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def check_options(plan: str | None, options: dict[str, Any], flags: tuple[str, ...] = ()) -> None:
+    """--set options as transform will take them, before the model loads: on the command line a wrong type
+    (`--set kv_cache=no`) is the user's error, not a bug, so it is reported as one. `flags`: the keywords this
+    command sets from its own flags."""
+    for key, flag in CLI_SET_KEYWORDS.items():
+        if key in options and (flag is None or flag in flags):
+            raise PlanError(f"--set {key}=... is not an option here" + (f"; use {flag}" if flag else ""))
+    if plan is None:
+        return
+    from qgraph.api import check_transform_options
+
+    try:
+        check_transform_options(plan, options)
+    except TypeError as exc:
+        raise PlanError(f"--set: {exc}") from exc
+
+
 def _plans(args: argparse.Namespace, console: Console) -> int:
     from qgraph.plans import PLANS
 
@@ -115,7 +134,8 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     from qgraph.models import resolve_model
 
     options = parse_options(args.set)
-    if args.dot:  # before the model loads
+    check_options(args.plan, options, flags=("--skip", "--print-after"))  # before the model loads
+    if args.dot:
         check_picture_request(args.dot, args.dot_depth)
     with console.status(f"loading {args.model}"):
         model, _ = resolve_model(args.model)
@@ -132,7 +152,9 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 def _demo(args: argparse.Namespace, console: Console) -> int:
     from qgraph.demo import run_demo
 
-    run_demo(args.plan, parse_options(args.set), eval_blocks=args.eval_blocks, block_len=args.block_len,
+    options = parse_options(args.set)
+    check_options(args.plan, options)
+    run_demo(args.plan, options, eval_blocks=args.eval_blocks, block_len=args.block_len,
              steps=args.steps, batch_size=args.batch_size, console=console, out_dir=args.out)
     return 0
 
@@ -140,8 +162,11 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 def _export(args: argparse.Namespace, console: Console) -> int:
     from qgraph.deploy import export_trained
 
-    reports = export_trained(args.model, plan=args.plan, formats=args.format, out_dir=args.out, steps=args.steps,
-                             from_dir=args.from_dir, options=parse_options(args.set), batch_size=args.batch_size,
+    options = parse_options(args.set)
+    plan = args.plan or (None if args.from_dir else DEFAULT_PLAN)
+    check_options(None if args.from_dir else plan, options)  # with --from, export_trained refuses --plan / --set
+    reports = export_trained(args.model, plan=plan, formats=args.format, out_dir=args.out, steps=args.steps,
+                             from_dir=args.from_dir, options=options, batch_size=args.batch_size,
                              block_len=args.block_len, decode=args.decode, console=console)
     for report in reports:
         console.print(f"wrote {report.path} ({report.target}, max |logits diff| {report.parity.max_abs_diff:.2e})")

@@ -21,13 +21,14 @@ from rich.table import Table
 from rich.text import Text
 
 import qgraph
+from qgraph.api import check_transform_options
 from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import ExportError, PlanError
 from qgraph.evaluate import perplexity
 from qgraph.export.check import load_runner
 from qgraph.generate import generate
 from qgraph.models import load_smollm2
-from qgraph.plans import get_plan, resolve_steps, steps_train
+from qgraph.plans import steps_train
 from qgraph.report import format_bytes
 from qgraph.train import check_run_sizes, default_optimizer, train_causal_lm
 
@@ -48,10 +49,10 @@ def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len:
              batch_size: int, console: Console, out_dir: Path | None = None,
              formats: tuple[str, ...] = DEMO_FORMATS) -> dict[str, float]:
     """Run the demo; returns {row name: held-out perplexity} for every scored row."""
-    plan_obj = get_plan(plan)
     # a bad plan, option or size, or steps for a plan with nothing to train, fails now, not after the load
     check_run_sizes(steps=steps, batch_size=batch_size, block_len=block_len, eval_blocks=eval_blocks)
-    if steps and not steps_train(resolve_steps(plan_obj, options)):
+    plan_obj, plan_steps = check_transform_options(plan, options)
+    if steps and not steps_train(plan_steps):
         raise PlanError(f"plan {plan!r} has nothing to train; run it with --steps 0 or pick a training plan")
     torch.manual_seed(SEED)
     model, tokenizer = load_smollm2()
@@ -61,7 +62,7 @@ def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len:
 
     rows = [Row("original (fp32)", perplexity(_logits(model), heldout, description="original"),
                 format_bytes(_weight_bytes(model)))]
-    qm = qgraph.transform(model, plan_obj, console=console, **options)
+    qm = qgraph.transform(model, plan, console=console, **options)
     console.print(qm.report)
     step0 = f"{plan} (step 0{', = RTN int4' if plan.startswith('lrqat') else ''})"
     rows.append(Row(step0, perplexity(_logits(qm), heldout, description=plan)))

@@ -10,21 +10,23 @@ import torch
 from rich.console import Console
 
 import qgraph
+from qgraph.api import check_transform_options
 from qgraph.data import batches, token_blocks, train_heldout_split
 from qgraph.errors import PlanError
 from qgraph.export.program import deployable
 from qgraph.export.report import ExportReport
 from qgraph.models import byte_tokenizer, resolve_model
-from qgraph.plans import get_plan, resolve_steps, steps_train
+from qgraph.plans import steps_train
 from qgraph.train import check_run_sizes, default_optimizer, train_causal_lm
 
 SEED = 0
 
 
-def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: Path, steps: int = 0,
+def export_trained(model_spec: str, *, plan: str | None, formats: list[str], out_dir: Path, steps: int = 0,
                    from_dir: Path | None = None, options: dict[str, Any] | None = None, batch_size: int = 4,
                    block_len: int = 256, decode: bool = False, console: Console | None = None) -> list[ExportReport]:
-    """Load `model_spec`, transform it with `plan` (or restore the run saved in `from_dir`), train `steps`
+    """Load `model_spec`, transform it with `plan` and `options` (or restore the run saved in `from_dir`, whose
+    plan and options are the saved ones: giving either too is an error), train `steps`
     steps on the pydoc training text, and export it in each of `formats` into `out_dir`; with `decode`, each
     file holds the KV-cache signature (`<name>-decode<suffix>`)."""
     console = console or Console()
@@ -37,8 +39,16 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
         qgraph.export.check_decode_formats(formats)
     export_options = {qgraph.export.DECODE_OPTION: True} if decode else {}
     # likewise a bad plan or option, or steps for a plan with nothing to train
-    if from_dir is None and not steps_train(resolve_steps(get_plan(plan), options)) and steps:
-        raise PlanError(f"plan {plan!r} has nothing to train; export it with --steps 0")
+    if from_dir is not None and (plan is not None or options):
+        given = " and ".join(name for name, value in (("--plan", plan), ("--set", options)) if value)
+        raise PlanError(f"--from {from_dir} restores the saved run with its own plan and options; drop {given} "
+                        "(or leave out --from to transform the model anew)")
+    if from_dir is None:
+        if plan is None:
+            raise PlanError("give a plan (--plan) or a saved run to restore (--from)")
+        _, plan_steps = check_transform_options(plan, options)
+        if steps and not steps_train(plan_steps):
+            raise PlanError(f"plan {plan!r} has nothing to train; export it with --steps 0")
     torch.manual_seed(SEED)
     with console.status(f"loading {model_spec}"):
         model, tokenizer = resolve_model(model_spec)
@@ -66,7 +76,7 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
         blocks = token_blocks(train_text, tokenizer or byte_tokenizer(), block_len)
         train_causal_lm(qm, batches(blocks, batch_size, seed=SEED, steps=steps), default_optimizer(qm),
                         steps=steps, console=console, description=f"training {qm.plan.name}")
-    name = Path(model_spec).name if Path(model_spec).is_dir() else model_spec
+    name = model_file_stem(model_spec)
     finalized, notes = deployable(qm)  # once, for every format
     for note in notes:
         console.print(note, style="yellow")
@@ -79,3 +89,10 @@ def export_trained(model_spec: str, *, plan: str, formats: list[str], out_dir: P
             reports.append(qgraph.export.export_report(finalized, path, format=format, console=console,
                                                        **export_options_of[format]))
     return reports
+
+
+def model_file_stem(model_spec: str) -> str:
+    """The model's part of the file names: a directory's own name (`~/m`, `.` and `dir/` resolved first), or
+    the built-in model's name."""
+    path = Path(model_spec).expanduser()
+    return path.resolve().name if path.is_dir() else model_spec

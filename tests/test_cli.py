@@ -167,6 +167,53 @@ def test_inspect_takes_a_dtype_and_demo_refuses_sizes_before_loading(capsys, mon
     assert "eval_blocks must be an integer >= 1, got 0" in printed(capsys)
 
 
+@pytest.mark.parametrize(("command", "argv", "message"), [
+    # transform's own keywords reach the up-front check as transform takes them (dtype= was refused as an
+    # unknown pass option by demo and export, though the README shows it)
+    ("demo", ["--set", "kv_cache=no"], "--set: kv_cache must be True or False, got 'no'"),
+    ("demo", ["--plan", "nf4", "--steps", "0", "--set", "blocksiz=128"], "unknown option 'blocksiz'"),
+    ("export", ["--set", "dtype=bf16"], "--set: dtype must be a torch.dtype, got the string 'bf16'"),
+    ("export", ["--set", "compile=yes"], "compile must be False, True"),
+    ("inspect", ["--set", "skip=quantize_nf4"], "--set skip=... is not an option here; use --skip"),
+    ("inspect", ["--set", "console=1"], "--set console=... is not an option here"),
+    ("export", ["--from", "saved", "--plan", "nf4"], "restores the saved run with its own plan and options; drop --plan"),
+    ("export", ["--from", "saved", "--set", "rank=4"], "drop --set"),
+])
+def test_set_options_are_checked_as_transform_takes_them_before_loading(tmp_path, capsys, monkeypatch, command,
+                                                                        argv, message):
+    import qgraph.demo
+    import qgraph.deploy
+    import qgraph.models
+
+    never = lambda *a: pytest.fail("the model must not be loaded")  # noqa: E731
+    for module, name in ((qgraph.demo, "load_smollm2"), (qgraph.deploy, "resolve_model"),
+                         (qgraph.models, "resolve_model")):
+        monkeypatch.setattr(module, name, never)
+    where = {"demo": [], "inspect": ["tiny-llama"],
+             "export": ["--model", "tiny-llama", "--format", "pt2", "--out", str(tmp_path)]}[command]
+    assert main([command, *where, *argv]) == 2
+    assert message in printed(capsys)
+
+
+def test_export_takes_transforms_dtype_and_names_files_after_a_model_directory(tmp_path, monkeypatch):
+    import torch
+
+    import qgraph.deploy
+
+    exported = []
+    monkeypatch.setattr(qgraph.export, "export_report", lambda qm, path, **kwargs: exported.append((qm, path)))
+    qgraph.deploy.export_trained("tiny-llama", plan="lrqat-w4", formats=["pt2"], out_dir=tmp_path,
+                                 options={"dtype": torch.bfloat16})
+    assert exported[0][0].info.cast_to == torch.bfloat16
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    monkeypatch.chdir(model_dir)
+    assert qgraph.deploy.model_file_stem(".") == "my-model"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert qgraph.deploy.model_file_stem("~/my-model/") == "my-model"
+    assert qgraph.deploy.model_file_stem("tiny-llama") == "tiny-llama"
+
+
 def printed(capsys) -> str:
     """What the command printed, with rich's line wrapping undone."""
     return " ".join(capsys.readouterr().out.split())
