@@ -119,9 +119,14 @@ def _is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "model_type")
 
 
+def max_positions(config: Any) -> int:
+    """The longest sequence a Hugging Face model is captured for: its position limit."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+
+
 def _capture_hf(model: nn.Module, example_inputs: tuple | dict | None, digest: str) -> torch.fx.GraphModule:
     config = model.config
-    max_seq = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+    max_seq = max_positions(config)
     kwargs = _hf_example_kwargs(config, example_inputs)
     accepted = inspect.signature(model.forward).parameters
     constants = {"use_cache": False} if "use_cache" in accepted else {}

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from qgraph.errors import PlanError, QGraphError
+from qgraph.paths import check_output_dir, check_output_file
 
 # the main job: LR-QAT int4 (RTN at step 0), a short training run, then finalize and export
 DEFAULT_PLAN, DEFAULT_STEPS = "lrqat-w4", 10
@@ -137,6 +138,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     check_options(args.plan, options, flags=("--skip", "--print-after"))  # before the model loads
     if args.dot:
         check_picture_request(args.dot, args.dot_depth)
+        check_output_file(args.dot, "--dot")
     with console.status(f"loading {args.model}"):
         model, _ = resolve_model(args.model)
     with console.status(f"capturing and running plan {args.plan}"):
@@ -144,6 +146,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
                               console=console, **options)
     console.print(qm.report)
     if args.dot:
+        args.dot.parent.mkdir(parents=True, exist_ok=True)  # as --out's directories are made
         path = write_graph_picture(qm.graph_module, args.dot, depth=args.dot_depth)
         console.print(f"graph drawn to {path}")
     return 0
@@ -154,6 +157,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
     options = parse_options(args.set)
     check_options(args.plan, options)
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     run_demo(args.plan, options, eval_blocks=args.eval_blocks, block_len=args.block_len,
              steps=args.steps, batch_size=args.batch_size, console=console, out_dir=args.out)
     return 0
@@ -165,6 +170,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     options = parse_options(args.set)
     plan = args.plan or (None if args.from_dir else DEFAULT_PLAN)
     check_options(None if args.from_dir else plan, options)  # with --from, export_trained refuses --plan / --set
+    check_output_dir(args.out, "--out")
     reports = export_trained(args.model, plan=plan, formats=args.format, out_dir=args.out, steps=args.steps,
                              from_dir=args.from_dir, options=options, batch_size=args.batch_size,
                              block_len=args.block_len, decode=args.decode, console=console)

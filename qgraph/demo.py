@@ -30,7 +30,7 @@ from qgraph.generate import generate
 from qgraph.models import load_smollm2
 from qgraph.plans import steps_train
 from qgraph.report import format_bytes
-from qgraph.train import check_run_sizes, default_optimizer, train_causal_lm
+from qgraph.train import check_block_fits, check_run_sizes, default_optimizer, train_causal_lm
 
 SEED = 0
 SAMPLE_PROMPT_CHARS, SAMPLE_NEW_TOKENS = 200, 24
@@ -56,6 +56,7 @@ def run_demo(plan: str, options: dict[str, Any], *, eval_blocks: int, block_len:
         raise PlanError(f"plan {plan!r} has nothing to train; run it with --steps 0 or pick a training plan")
     torch.manual_seed(SEED)
     model, tokenizer = load_smollm2()
+    check_block_fits(model, block_len)
     train_text, heldout_text = train_heldout_split()
     heldout = token_blocks(heldout_text, tokenizer, block_len)[:eval_blocks]
     console.print(f"SmolLM2-135M-Instruct, held-out pydoc text: {len(heldout)} blocks x {block_len} tokens")

@@ -17,7 +17,7 @@ from qgraph.export.program import deployable
 from qgraph.export.report import ExportReport
 from qgraph.models import byte_tokenizer, resolve_model
 from qgraph.plans import steps_train
-from qgraph.train import check_run_sizes, default_optimizer, train_causal_lm
+from qgraph.train import check_block_fits, check_run_sizes, default_optimizer, train_causal_lm
 
 SEED = 0
 
@@ -52,6 +52,7 @@ def export_trained(model_spec: str, *, plan: str | None, formats: list[str], out
     torch.manual_seed(SEED)
     with console.status(f"loading {model_spec}"):
         model, tokenizer = resolve_model(model_spec)
+    check_block_fits(model, block_len)
     if from_dir is not None:
         from qgraph.pretrained import from_pretrained
 

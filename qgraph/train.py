@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from qgraph.capture import MAX_BATCH, max_positions
 from qgraph.errors import PlanError
 from qgraph.inputs import is_int, scalar
 from qgraph.module import QGraphModule
@@ -27,6 +28,18 @@ def check_run_sizes(*, steps: int, batch_size: int, block_len: int, eval_blocks:
     for name, (value, least) in sizes.items():
         if not is_int(value) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if batch_size > MAX_BATCH:
+        raise ValueError(f"batch_size {batch_size} is above the {MAX_BATCH} rows a captured graph takes; use at most "
+                         f"{MAX_BATCH}")
+
+
+def check_block_fits(model: nn.Module, block_len: int) -> None:
+    """A command-line run's blocks fit the model's positions: checked once the model is loaded, before any
+    scoring or training (the capture's bound would refuse them only then)."""
+    config = getattr(model, "config", None)
+    if config is not None and block_len > max_positions(config):
+        raise ValueError(f"block_len {block_len} is longer than the {max_positions(config)} positions "
+                         f"{type(model).__name__} takes; use at most {max_positions(config)}")
 
 
 def check_trains(model: nn.Module) -> list[nn.Parameter]:

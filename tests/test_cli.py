@@ -214,6 +214,46 @@ def test_export_takes_transforms_dtype_and_names_files_after_a_model_directory(t
     assert qgraph.deploy.model_file_stem("tiny-llama") == "tiny-llama"
 
 
+@pytest.mark.parametrize(("command", "argv", "message"), [
+    ("export", ["--out", "{file}"], "--out {file} is a file, not a directory"),
+    ("export", ["--out", "{file}/sub"], "--out {file}/sub is under {file}, a file, not a directory"),
+    ("demo", ["--out", "{file}"], "--out {file} is a file, not a directory"),
+    ("inspect", ["--dot", "{dir}"], "cannot draw to"),  # a directory has no picture suffix
+    ("inspect", ["--dot", "{dir}/x.dot/"], "--dot {dir}/x.dot is a directory; give a file name"),
+    ("inspect", ["--dot", "{file}/x.dot"], "is under {file}, a file"),
+    ("export", ["--batch-size", "65"], "batch_size 65 is above the 64 rows a captured graph takes"),
+])
+def test_output_paths_and_the_batch_bound_are_checked_before_loading(tmp_path, capsys, monkeypatch, command, argv,
+                                                                     message):
+    import qgraph.demo
+    import qgraph.deploy
+    import qgraph.models
+
+    never = lambda *a: pytest.fail("the model must not be loaded")  # noqa: E731
+    for module, name in ((qgraph.demo, "load_smollm2"), (qgraph.deploy, "resolve_model"),
+                         (qgraph.models, "resolve_model")):
+        monkeypatch.setattr(module, name, never)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "x.dot").mkdir()
+    fill = {"file": str(tmp_path / "afile"), "dir": str(tmp_path)}
+    argv = [arg.format(**fill) for arg in argv]
+    where = {"demo": [], "inspect": ["tiny-llama"], "export": ["--model", "tiny-llama", "--format", "pt2"]}[command]
+    if command == "export" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main([command, *where, *argv]) == 2
+    assert message.format(**fill) in printed(capsys)
+
+
+def test_inspect_draws_into_a_directory_it_makes_and_export_refuses_blocks_past_the_models_positions(tmp_path, capsys):
+    dot = tmp_path / "new" / "graph.dot"
+    assert main(["inspect", "tiny-llama", "--dot", str(dot)]) == 0
+    assert dot.read_text().startswith("digraph")
+    capsys.readouterr()
+    assert main(["export", "--model", "tiny-llama", "--block-len", "600", "--format", "pt2",
+                 "--out", str(tmp_path)]) == 2
+    assert "block_len 600 is longer than the 512 positions LlamaForCausalLM takes; use at most 512" in printed(capsys)
+
+
 def printed(capsys) -> str:
     """What the command printed, with rich's line wrapping undone."""
     return " ".join(capsys.readouterr().out.split())
