@@ -134,7 +134,9 @@ def example_inputs(model: nn.Module, shape: CacheShape) -> tuple[Tensor, Tensor,
     ids = torch.randint(0, int(model.config.vocab_size), (EXAMPLE_BATCH, EXAMPLE_NEW), generator=generator)
     past = [torch.randn(EXAMPLE_BATCH, shape.heads, EXAMPLE_PAST, shape.head_dim, generator=generator)
             .to(device, shape.dtype) for _ in range(2 * shape.layers)]
-    positions = torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + EXAMPLE_NEW).expand(EXAMPLE_BATCH, -1)
+    # contiguous, as callers pass them: an expanded example (stride 0 across rows) compiles an AOTInductor
+    # package that reads every row's positions from the first and refuses contiguous ones when checked
+    positions = torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + EXAMPLE_NEW).repeat(EXAMPLE_BATCH, 1)
     return (ids.to(device), torch.ones_like(ids, device=device),
             torch.ones(EXAMPLE_BATCH, EXAMPLE_PAST, dtype=torch.long, device=device), positions.to(device), past)
 

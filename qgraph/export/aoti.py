@@ -5,8 +5,17 @@ still packed: qgraph.export.aten) into a shared library of C++ kernels packaged 
 custom ops could not run there at all, which is why the decomposition is not optional for this target.
 Running it needs torch only:
 
+    os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"  # before the first load in the process: see below
     model = torch._inductor.aoti_load_package("model_aoti.pt2")
     logits = model(input_ids=ids, attention_mask=mask)
+
+An AOTInductor package checks its inputs' sizes, strides and dtypes only when AOTI_RUNTIME_CHECK_INPUTS=1
+is set (read once per process). Without it, inputs the pt2 program would take or refuse run unchecked and
+give wrong logits, silently: a slice of a longer batch (non-contiguous), an int32 or bool mask, a mask with
+fewer rows, a decode past of other strides or lengths (measured on a tiny llama: off by up to 0.97 in a logit
+range of 1.3). qgraph's runner sets it, so every parity check is a checked run. Packages are compiled with
+`aot_inductor.check_lowerbound` off, so that the checks take batch 1 and one-token steps (export's dynamic
+dimensions have a lower bound of 2 otherwise).
 
 decode=True compiles the KV-cache signature instead (see the pt2 target; runners/_decoding.py is the loop).
 A .pt2 suffix means the pt2 target unless asked: `qgraph.export(module, "model_aoti.pt2", format="aoti")`.
@@ -37,6 +46,12 @@ PACKAGE_SUFFIX = ".pt2"  # aoti_compile_and_package writes nothing else
 # the runner's: layers,heads,head_dim,dtype of each stack of a decode package's KV cache (the model's, then a
 # QST side network's), joined by ";"
 CACHE_FLAG = "--cache"
+# batch 1 and one-token decode steps pass the runtime input checks (AOTI_RUNTIME_CHECK_INPUTS=1), which would
+# otherwise hold export's dynamic dimensions to a lower bound of 2
+INDUCTOR_CONFIGS = {"aot_inductor.check_lowerbound": False}
+# what a package's user must set: see the module docstring
+CHECK_INPUTS_NOTE = ("load it with AOTI_RUNTIME_CHECK_INPUTS=1 set in the environment: without it the package "
+                     "checks nothing about its inputs (a non-contiguous, int32 or bool input gives wrong logits)")
 
 
 @dataclass(frozen=True)
@@ -64,9 +79,9 @@ def write(job: ExportJob) -> Artifact:
     decode = job.options.decode
     program = decode_program(job.module) if decode else exported_program(job.module, job.example_inputs)
     start = time.perf_counter()
-    torch._inductor.aoti_compile_and_package(program, package_path=str(job.path))
+    torch._inductor.aoti_compile_and_package(program, package_path=str(job.path), inductor_configs=INDUCTOR_CONFIGS)
     seconds = time.perf_counter() - start
-    notes = [f"AOTInductor compile: {seconds:.1f}s"]
+    notes = [f"AOTInductor compile: {seconds:.1f}s", CHECK_INPUTS_NOTE]
     runner_args = []
     if decode:  # a package does not show its inputs' shapes: the runner is told the cache's
         notes.append(DECODE_NOTE)

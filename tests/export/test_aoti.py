@@ -4,13 +4,15 @@ without qgraph. Compiles take tens of seconds each: two, marked slow."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
 from rich.console import Console
 
 import qgraph
-from qgraph.export.aoti import TARGET, AotiOptions
+from qgraph.export.aoti import CHECK_INPUTS_NOTE, TARGET, AotiOptions
 from qgraph.export.program import fp32_bytes
 from qgraph.models import tiny_causal_lm
 from tests.conftest import random_ids
@@ -59,6 +61,34 @@ def test_the_aot_compiled_package_runs_without_qgraph(tmp_path, family, plan, op
         want = module(input_ids=input_ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
     assert float((got[real] - want[real]).abs().max()) <= TARGET.tolerance
+    assert CHECK_INPUTS_NOTE in report.notes
+    assert_checked_in_a_fresh_process(path)
+
+
+# with AOTI_RUNTIME_CHECK_INPUTS=1, as the package's note asks: batch 1 and one token run (the lower bound of 2 is
+# compiled out), a slice of a longer batch (another stride) and an int32 mask are refused; unchecked, both ran and
+# gave wrong logits
+CHECKED_RUN = """
+import os, sys
+os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
+import torch
+package = torch._inductor.aoti_load_package(sys.argv[1])
+ids = torch.randint(3, 200, (3, 20))
+print(tuple(package(input_ids=ids[:1, :1].clone(), attention_mask=torch.ones(1, 1, dtype=torch.long)).shape))
+for name, (i, m) in {"slice": (ids[:, :12], torch.ones(3, 12, dtype=torch.long)),
+                     "int32": (ids[:, :12].contiguous(), torch.ones(3, 12, dtype=torch.int32))}.items():
+    try:
+        package(input_ids=i, attention_mask=m)
+        print(name, "ran")
+    except Exception:
+        print(name, "refused")
+"""
+
+
+def assert_checked_in_a_fresh_process(path) -> None:
+    run = subprocess.run([sys.executable, "-c", CHECKED_RUN, str(path)], capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("(", "slice", "int32"))]
+    assert lines[0].startswith("(1, 1, ") and lines[1:] == ["slice refused", "int32 refused"], run.stdout + run.stderr
 
 
 def test_a_decode_package_generates_the_tokens_qm_generates(tmp_path):

@@ -7,6 +7,7 @@ the prompt with an empty past, and `--generate N` decodes N greedy tokens throug
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from _protocol import serve
 from _torch_program import torch_step
 
 CACHE_FLAG = "--cache"
+# the package checks its inputs' sizes, strides and dtypes only with this set (read at the first load): a run
+# with an input it cannot take is refused, not silently wrong
+os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
 
 
 @dataclass
