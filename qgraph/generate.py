@@ -8,6 +8,7 @@ reads the last position's logits: quadratic in length, but exact, and the same t
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -16,6 +17,13 @@ from torch import Tensor, nn
 from qgraph.errors import QGraphError
 from qgraph.inputs import is_int, scalar
 from qgraph.ops.fused_inference import fused_inference
+
+
+# as transformers' generate warns: a row whose prompt ends in padding continues after the padding, so its new
+# tokens follow pad tokens the mask hides, not the prompt's last token at its own position
+RIGHT_PADDING_WARNING = ("a prompt row ends in padding (attention_mask[:, -1] == 0): its tokens are generated after "
+                         "the padding, unlike the same prompt alone; pad on the left for generation "
+                         "(tokenizer.padding_side = 'left')")
 
 
 def generate(
@@ -49,6 +57,8 @@ def generate(
     pad = _pad_id(pad_token_id, eos, model) if len(eos) else None  # without eos no row is ever padded
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape[1] and not bool(attention_mask[:, -1].all()):  # one host sync
+        warnings.warn(RIGHT_PADDING_WARNING, stacklevel=2)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     was_training = model.training
     model.eval()

@@ -219,3 +219,16 @@ def test_next_token_logits_needs_a_causal_lm():
     classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1), "nf4")
     with pytest.raises(QGraphError, match="need a causal language model; this one is a LlamaForSequence"):
         classifier.next_token_logits(random_ids((1, 4)))
+
+
+def test_a_prompt_row_ending_in_padding_warns_as_transformers_does(nf4_llama):
+    import warnings
+
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    right = torch.ones_like(ids)
+    right[1, 4:] = 0
+    with pytest.warns(UserWarning, match=r"a prompt row ends in padding.*padding_side = 'left'"):
+        generate(nf4_llama, ids, max_new_tokens=1, attention_mask=right)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(nf4_llama, ids, max_new_tokens=1, attention_mask=right.flip(1))  # left padding: no warning
