@@ -32,7 +32,7 @@ from qgraph.export import onnx_ops
 from qgraph.decode import dynamic_shapes as decode_dynamic_shapes
 from qgraph.decode import signature_args
 from qgraph.export.program import (DECODE_NOTE, INPUT_NAMES, LogitsProgram, decode_names, decode_unsupported,
-                                   dynamic_shapes)
+                                   dynamic_shapes, output_dtype)
 from qgraph.export.target import Artifact, ExportTarget
 from qgraph.graph import get_attr_tensor, graph_copy
 from qgraph.module import QGraphModule
@@ -77,6 +77,9 @@ def _node_unsupported(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def unsupported(module: QGraphModule, options: OnnxOptions) -> str | None:
+    if output_dtype(module) == torch.bfloat16:  # the file was written, then failed to load in ORT
+        return ("ONNX Runtime's CPU kernels take no bfloat16 (Mul has none), so a bfloat16 module's file could not "
+                "run; export a float32 module (transform without dtype=torch.bfloat16; its weights stay 4-bit)")
     gm = module.graph_module
     for node in qgraph_nodes(gm.graph):
         why = _node_unsupported(gm, node)

@@ -7,7 +7,7 @@ sequence dynamic), whatever the plan; this is where it is defined once.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.export import Dim
 
 from qgraph.capture import MAX_BATCH
@@ -83,7 +83,20 @@ def decode_unsupported(module: QGraphModule) -> str | None:
     """Why `module` has no exportable KV-cache signature (a target's decode=True), or None."""
     if module.decode_graph is None:
         return "decode=True needs the module's KV-cached decode graph, which this one lacks; transform with kv_cache=True"
+    if any(cache.dtype == torch.bfloat16 for cache in module.decode_graph.caches):
+        # the file itself could be written, but an artifact counts only once its runtime has run it
+        return ("decode=True with a bfloat16 KV cache: the runners' greedy loop carries the cache as numpy arrays, "
+                "which have no bfloat16, so the file could not be checked in its runtime; export a float32 module "
+                "(transform without dtype=torch.bfloat16; its weights stay 4-bit in the file)")
     return None
+
+
+def output_dtype(module: QGraphModule) -> torch.dtype | None:
+    """The dtype of the graph's first output (the logits), as capture recorded it; None where it did not."""
+    output = next(node for node in reversed(module.graph_module.graph.nodes) if node.op == "output")
+    first = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
+    value = first.meta.get("val") if isinstance(first, fx.Node) else None
+    return getattr(value, "dtype", None)
 
 
 def decode_names(module: QGraphModule) -> tuple[list[str], list[str]]:

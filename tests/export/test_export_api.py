@@ -248,3 +248,18 @@ def test_the_aoti_runner_is_told_every_stack_of_a_qst_decode_cache(monkeypatch):
     shapes = runner.past_shapes([CACHE_FLAG, cache_flag(decode.caches)])
     expected = [(int(t.shape[1]), int(t.shape[3]), t.numpy().dtype) for t in decode.empty_past(1, torch.device("cpu"))]
     assert shapes == expected and len(shapes) == 4 + 2 * decode.side_cache.layers
+
+
+def test_a_bfloat16_module_is_refused_where_its_runtime_cannot_run_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+
+    fin = qgraph.finalize(qgraph.transform(tiny_causal_lm("llama", layers=1), "lrqat-w4", dtype=torch.bfloat16))
+    # ONNX Runtime has no bfloat16 CPU kernels: the file used to be written, then fail to load
+    with pytest.raises(qgraph.ExportError, match=r"ONNX Runtime's CPU kernels take no bfloat16.*float32 module"):
+        qgraph.export(fin, tmp_path / "model.onnx", console=Console(quiet=True))
+    # the runners' numpy decode loop has no bfloat16: pt2's runner used to die converting the cache
+    with pytest.raises(qgraph.ExportError, match=r"decode=True with a bfloat16 KV cache"):
+        qgraph.export(fin, tmp_path / "model.pt2", decode=True, console=Console(quiet=True))
+    assert not any(tmp_path.iterdir())
+    report = qgraph.export.export_report(fin, tmp_path / "model.pt2", console=Console(quiet=True))  # the logits program runs
+    assert report.parity.top1_agreement == 1.0
