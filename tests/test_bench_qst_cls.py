@@ -3,7 +3,9 @@ head alone, and the table reads its results."""
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,50 @@ def test_markdown_table_reads_each_result():
     result = bench_qst_cls.ClsResult("qst-nf4", 10, accuracy=0.5, majority=0.3, step_seconds=1.25,
                                      losses=[2.0] * 10)
     assert bench_qst_cls.markdown_table([result]).splitlines()[-1] == "| qst-nf4 | 10 | 50.0% | 30.0% | 2.000 | 1.25 |"
+
+
+# --- bad input: usage errors before anything loads, and a failed configuration fails the command ----------------
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--batch-size", "1", "must be at least 2 (the first batch is the example the model is captured with"),
+    ("--max-len", "1", "must be at least 2 (the first batch is the example the model is captured with"),
+    ("--steps", "0", "must be at least 1, got 0"),
+])
+def test_a_count_the_run_cannot_use_is_a_usage_error_before_it_loads(monkeypatch, capsys, tmp_path, flag, value, says):
+    monkeypatch.setattr(bench_qst_cls, "run_config", lambda *args: pytest.fail("ran despite a bad count"))
+    with pytest.raises(SystemExit) as exit_:
+        bench_qst_cls.main(["--run", "qst-nf4", "--json", str(tmp_path / "qst-nf4.json"), flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: {says}" in capsys.readouterr().err
+
+
+def fake_runs(monkeypatch, failing: tuple[str, ...]) -> None:
+    """Each configuration's process replaced: those in `failing` fail, the others give a result."""
+    def run_in_subprocess(script, flags, json_path, label, console):
+        config = flags[flags.index("--run") + 1]
+        return None if config in failing else asdict(bench_qst_cls.ClsResult(config, 1, losses=[1.0]))
+
+    monkeypatch.setattr(bench_qst_cls, "run_in_subprocess", run_in_subprocess)
+    monkeypatch.setattr(bench_qst_cls, "loss_curves", lambda *args: None)
+
+
+def test_failed_configurations_fail_the_command_and_leave_earlier_results_when_none_ran(monkeypatch, tmp_path):
+    (tmp_path / "results.json").write_text("earlier")
+    fake_runs(monkeypatch, failing=bench_qst_cls.CONFIGS)
+    with pytest.raises(SystemExit, match=f"^4 of 4 configurations failed: {', '.join(bench_qst_cls.CONFIGS)} "
+                                         r"\(errors above\); nothing written"):
+        bench_qst_cls.main(["--out", str(tmp_path)])
+    assert (tmp_path / "results.json").read_text() == "earlier"
+    fake_runs(monkeypatch, failing=("qlora",))
+    with pytest.raises(SystemExit, match=r"^1 of 2 configurations failed: qlora \(errors above\); the other 1 written"):
+        bench_qst_cls.main(["--out", str(tmp_path), "--configs", "qst-nf4", "qlora"])
+    assert [r["config"] for r in json.loads((tmp_path / "results.json").read_text())] == ["qst-nf4"]
+
+
+def test_an_output_path_that_is_a_file_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    fake_runs(monkeypatch, failing=bench_qst_cls.CONFIGS)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        bench_qst_cls.main(["--out", str(tmp_path / "a-file")])
+    assert exit_.value.code == 2 and f"--out {tmp_path / 'a-file'} is a file" in capsys.readouterr().err

@@ -116,3 +116,29 @@ def test_a_compiled_training_configuration_steps():
     module, optimizer = build_training("lrqat-w4", make_llama(), compile=True)
     assert module.report.compiled.startswith("torch.compile: ")
     assert torch.isfinite(torch.tensor(train_step(module.train(), optimizer, random_ids((2, 16)))))
+
+
+@pytest.mark.parametrize(("flag", "value", "least"), [
+    ("--rounds", "0", 1), ("--gen-rounds", "0", 1), ("--threads", "-1", 0), ("--batch-size", "0", 1),
+    ("--block-len", "1", 2), ("--prompt-tokens", "0", 1), ("--new-tokens", "0", 1),
+])
+def test_a_count_below_its_least_is_a_usage_error_before_anything_is_built(monkeypatch, capsys, tmp_path, flag, value,
+                                                                          least):
+    nothing_measured(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        bench_speed.main([flag, value, "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be at least {least}" in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_is_a_usage_error_before_anything_is_built(monkeypatch, capsys, tmp_path):
+    nothing_measured(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        bench_speed.main(["--out", str(tmp_path / "a-file")])
+    assert exit_.value.code == 2 and f"--out {tmp_path / 'a-file'} is a file" in capsys.readouterr().err
+
+
+def nothing_measured(monkeypatch) -> None:
+    for rounds in ("training_rounds", "qst_split_rounds", "generation_rounds"):
+        monkeypatch.setattr(bench_speed, rounds, lambda *args: pytest.fail("measured despite a bad flag"))

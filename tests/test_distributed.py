@@ -155,3 +155,40 @@ def test_uneven_global_batch_is_refused_with_the_fix():
 def test_a_distributed_strategy_without_a_process_group_says_how_to_launch():
     with pytest.raises(RuntimeError, match="launch with torchrun or accelerate launch"):
         train_distributed.train("fsdp2", torch.nn.Linear(2, 2), [], train_distributed.Replica())
+
+
+# --- the command line: what it cannot train on is a usage error before any model loads ---------------------------
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--steps", "-2"], "argument --steps: must be at least 1, got -2"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),  # would save an untrained result
+    (["--seq-len", "1"], "argument --seq-len: must be at least 2 (one token leaves nothing to predict), got 1"),
+    (["--global-batch", "0"], "argument --global-batch: must be at least 1, got 0"),
+    (["--model", "smollm"], "argument --model: unknown model 'smollm'; choose one of smollm2, "),
+    (["--model", "no/such/dir"], "or give the path of a local Hugging Face model directory"),
+    (["--plan", "lrqat"], "argument --plan: unknown plan 'lrqat'"),
+])
+def test_bad_flags_are_usage_errors(capsys, argv, says):
+    with pytest.raises(SystemExit) as exit_:
+        train_distributed.parse_args(argv)
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        train_distributed.parse_args(["--out", str(tmp_path / "a-file")])
+    assert exit_.value.code == 2 and f"--out {tmp_path / 'a-file'} is a file" in capsys.readouterr().err
+
+
+def test_models_are_named_as_the_qgraph_cli_names_them(tmp_path):
+    assert train_distributed.parse_args(["--model", "tiny-gpt2"]).model == "tiny-gpt2"
+    assert train_distributed.parse_args(["--model", str(tmp_path)]).model == str(tmp_path)
+    assert train_distributed.parse_args([]).model == train_distributed.TINY_MODEL
+    gpt2 = train_distributed.build_model("tiny-gpt2", seed=1)  # built here, never looked up on the hub
+    assert gpt2.config.model_type == "gpt2"
+    again, other = (train_distributed.build_model("tiny-gpt2", seed=s) for s in (1, 2))
+    assert torch.equal(gpt2.lm_head.weight, again.lm_head.weight)  # seeded by --seed
+    assert not torch.equal(gpt2.lm_head.weight, other.lm_head.weight)

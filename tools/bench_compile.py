@@ -18,7 +18,6 @@ median step after the first steps (which compile). Runs on CPU, and on CUDA too 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,8 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, TextColumn
 
-from benchlib import MEMORY_STEPS, SEED, loss_of, run_in_subprocess, tracked_memory, train_step
+from benchlib import (MEMORY_STEPS, SEED, capture_example_size, check_writable, exit_if_failed, loss_of, positive_int,
+                      run_in_subprocess, tracked_memory, train_step, write_json)
 
 QST_PLAN = "qst-nf4"
 QST_SIDE_BLOCKS = {"target": "modules", "include": ("qst_side.blocks.*",)}
@@ -203,23 +203,30 @@ def interleaved_table(timed: Interleaved, device: str) -> str:
 # --- all configurations, side by side ---------------------------------------------------------------------
 
 
-def run_all(args: argparse.Namespace, console: Console) -> list[Result]:
+def run_all(args: argparse.Namespace, console: Console) -> tuple[list[Result], list[str]]:
+    """(the results of every configuration on every device, "CONFIG on DEVICE" of each run tried); a configuration
+    this checkout cannot run is skipped, not tried, and one whose process failed has no result."""
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, tried = [], []
     for device in args.devices:
         for config in args.configs:
             why_not = available(config)
             if why_not:
                 console.print(f"{config}: skipped ({why_not})")
                 continue
+            tried.append(run_label(config, device))
             flags = ["--run", config, "--device", device, "--steps", str(args.steps), "--batch-size",
                      str(args.batch_size), "--block-len", str(args.block_len)]
             data = run_in_subprocess(__file__, flags, args.out / f"{config}-{device}.json",
-                                     f"{config} on {device}: {args.steps} steps", console)
+                                     f"{tried[-1]}: {args.steps} steps", console)
             if data is not None:
                 results.append(Result(**data))
-                console.print(f"{config} on {device}: step {results[-1].step_seconds:.2f} s")
-    return results
+                console.print(f"{tried[-1]}: step {results[-1].step_seconds:.2f} s")
+    return results, tried
+
+
+def run_label(config: str, device: str) -> str:
+    return f"{config} on {device}"
 
 
 def _peer(results: list[Result], r: Result, suffix: str) -> Result | None:
@@ -270,7 +277,7 @@ def chart(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", choices=CONFIGS, help="run one configuration in this process")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --run")
@@ -278,30 +285,31 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"),
                         default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--block-len", type=int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=capture_example_size, default=4)
+    parser.add_argument("--block-len", type=capture_example_size, default=256)
     parser.add_argument("--out", type=Path, default=Path("out/bench_compile"))
     parser.add_argument("--interleave", nargs="+", choices=CONFIGS, metavar="CONFIG",
                         help="step times only: these configurations in one process, stepped in turn "
                              "(--steps rounds after the warm-up); ratios to the first one")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps < 1 + MEMORY_STEPS + 1 and not args.interleave:
         parser.error(f"--steps must be at least {2 + MEMORY_STEPS} (a first step, {MEMORY_STEPS} measured for "
                      "memory or warm-up, then at least one timed)")
     if "cuda" in args.devices + [args.device] and not torch.cuda.is_available():
         parser.error("cuda asked for, but torch.cuda.is_available() is False")
     if args.interleave:
-        if args.steps < 1 or len(set(args.interleave)) != len(args.interleave):
-            parser.error("--interleave needs distinct configurations and --steps of at least 1 (timed rounds)")
+        if len(set(args.interleave)) != len(args.interleave):
+            parser.error("--interleave needs distinct configurations")
         for config in args.interleave:
             if why_not := available(config):
                 parser.error(f"{config}: {why_not}")
+        check_writable(parser, args.out, "--out")
         console = Console()
         timed = interleaved_step_times(args.interleave, args.device, args.steps, args.batch_size, args.block_len,
                                        console)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "interleaved.json").write_text(json.dumps({"device": args.device, **asdict(timed)}, indent=2))
+        write_json(args.out / "interleaved.json", {"device": args.device, **asdict(timed)})
         table = interleaved_table(timed, args.device)
         (args.out / "interleaved.md").write_text(table)
         console.print(table, soft_wrap=True)
@@ -312,17 +320,21 @@ def main() -> None:
         why_not = available(args.run)
         if why_not:
             parser.error(f"{args.run}: {why_not}")
+        check_writable(parser, args.json, "--json", directory=False)
         result = run_config(args.run, args.device, args.steps, args.batch_size, args.block_len)
-        args.json.write_text(json.dumps(asdict(result), indent=2))
+        write_json(args.json, asdict(result))
         return
+    check_writable(parser, args.out, "--out")
     console = Console()
-    results = run_all(args, console)
-    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    table = markdown_table(results)
-    (args.out / "results.md").write_text(table)
-    chart(results, args.out / "memory_time.png")
-    console.print(table, soft_wrap=True)
-    console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png)")
+    results, tried = run_all(args, console)
+    if results:  # none: the earlier results.* stay as they were
+        write_json(args.out / "results.json", [asdict(r) for r in results])
+        table = markdown_table(results)
+        (args.out / "results.md").write_text(table)
+        chart(results, args.out / "memory_time.png")
+        console.print(table, soft_wrap=True)
+        console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png)")
+    exit_if_failed(tried, {run_label(r.config, r.device) for r in results}, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from rich.progress import track
 from rich.table import Table
 
 import qgraph
+from benchlib import check_writable, plan_name, positive_int, write_json
 from qgraph.errors import ExportError
 from qgraph.export.check import CheckCase, run_in_runtime
 from qgraph.models import load_smollm2
@@ -85,6 +85,20 @@ def medians_ms(seconds: list[float], repeats: int) -> tuple[float, float]:
 def default_targets() -> list[str]:
     llama_cpp = ["gguf:llama.cpp"] if importlib.util.find_spec("llama_cpp") is not None else []
     return [*qgraph.export.targets(), *llama_cpp]
+
+
+def export_target(spec: str) -> str:
+    """An argparse type: a target as NAME or NAME:RUNTIME, checked before the model loads and runs (a minute
+    before the first export): get_target refuses an unknown name or a target whose packages are missing,
+    target_options a runtime the target does not have."""
+    name, _, runtime = spec.partition(":")
+    try:
+        target = qgraph.export.get_target(name)
+        if runtime:
+            qgraph.export.target_options(target, {"runtime": runtime})
+    except ExportError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return spec
 
 
 def bench_target(finalized: qgraph.QGraphModule, spec: str, out_dir: Path, cases: list[CheckCase], repeats: int,
@@ -141,13 +155,14 @@ def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", default="lrqat-w4")
-    parser.add_argument("--targets", nargs="+", default=default_targets())
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--plan", type=plan_name, default="lrqat-w4")
+    parser.add_argument("--targets", nargs="+", type=export_target, default=default_targets())
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=Path("out/bench_export"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_writable(parser, args.out, "--out")
     console = Console(width=200)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -163,7 +178,7 @@ def main() -> None:
     for name in track(args.targets, description="exporting", console=console):
         rows.append(bench_target(finalized, name, args.out, cases, args.repeats, tokenizer, console))
     console.print(table(rows))
-    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    write_json(args.out / "results.json", [asdict(r) for r in rows])
     (args.out / "results.md").write_text(markdown(rows))
     console.print(f"written to {args.out}/ (results.json, results.md)")
 

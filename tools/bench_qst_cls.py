@@ -15,7 +15,6 @@ as PEFT's task_type="SEQ_CLS" does (the head in modules_to_save). Needs the `ben
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,8 @@ import torch
 from rich.console import Console
 
 from bench_qst import lora
-from benchlib import loss_curves, run_in_subprocess
+from benchlib import (capture_example_size, check_writable, exit_if_failed, loss_curves, positive_int,
+                      run_in_subprocess, write_json)
 from qgraph.side_network import SIDE_NETWORK_LR
 
 SEED = 0
@@ -124,16 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", choices=CONFIGS, help="run one configuration in this process")
     parser.add_argument("--json", type=Path, help="with --run: where to write its result")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=128, help="tokens kept of each paragraph")
+    parser.add_argument("--steps", type=positive_int, default=100)
+    parser.add_argument("--batch-size", type=capture_example_size, default=8)
+    parser.add_argument("--max-len", type=capture_example_size, default=128, help="tokens kept of each paragraph")
     parser.add_argument("--out", type=Path, default=Path("out/bench_qst_cls"))
     args = parser.parse_args(argv)
     if args.run:
         if args.json is None:
             parser.error("--run needs --json FILE (where to write the result)")
-        args.json.write_text(json.dumps(asdict(run_config(args.run, args.steps, args.batch_size, args.max_len))))
+        check_writable(parser, args.json, "--json", directory=False)
+        write_json(args.json, asdict(run_config(args.run, args.steps, args.batch_size, args.max_len)))
         return
+    check_writable(parser, args.out, "--out")
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     flags = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len)]
@@ -145,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
             results.append(ClsResult(**data))
     if len({r.head_checksum for r in results}) > 1:
         console.print("[red]the configurations started from different score heads[/]")
-    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    table = markdown_table(results)
-    (args.out / "results.md").write_text(table)
-    loss_curves({r.config: r.losses for r in results}, args.out / "losses.png")
-    console.print(table)
+    if results:  # none: the earlier results.* stay as they were
+        write_json(args.out / "results.json", [asdict(r) for r in results])
+        table = markdown_table(results)
+        (args.out / "results.md").write_text(table)
+        loss_curves({r.config: r.losses for r in results}, args.out / "losses.png")
+        console.print(table)
+    exit_if_failed(args.configs, {r.config for r in results}, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -43,7 +42,8 @@ from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from benchlib import SEED, mixed_precision, train_step  # noqa: E402
+from benchlib import (SEED, check_writable, int_at_least, mixed_precision, positive_int,  # noqa: E402
+                      sequence_length, train_step, write_json)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILED = "-compiled"  # a training precision's suffix for transform(..., compile=True)
@@ -371,21 +371,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", nargs="*", default=list(TRAIN_CONFIGS), choices=TRAIN_CONFIGS)
     parser.add_argument("--dtypes", nargs="+", default=[*DTYPES, *MIXED], choices=[*DTYPES, *MIXED],
                         help="training precisions: a model dtype, or amp-bf16 (the float32 model under autocast)")
-    parser.add_argument("--rounds", type=int, default=4, help="timed training rounds (after one warm-up)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--block-len", type=int, default=128)
+    parser.add_argument("--rounds", type=positive_int, default=4, help="timed training rounds (after one warm-up)")
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--block-len", type=sequence_length, default=128)
     parser.add_argument("--compiled", action="store_true",
                         help="also train qgraph's configurations with compile=True (inductor's caches off: each first "
                              "step is a cold compile)")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--qst-split", action="store_true",
                         help="also take a qst-nf4 step apart (side network, head and loss, optimizer, backbone)")
-    parser.add_argument("--gen-rounds", type=int, default=3, help="timed generation rounds (after one warm-up)")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--gen-rounds", type=positive_int, default=3,
+                        help="timed generation rounds (after one warm-up)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("out/bench_speed"))
     args = parser.parse_args(argv)
+    check_writable(parser, args.out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compiled:
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(asdict(report), indent=2))
+    write_json(args.out / "results.json", asdict(report))
     console.print(table, markup=False, highlight=False)
 
 

@@ -12,6 +12,9 @@ Every configuration runs in its own process (so its peak RSS is its own) on the 
 of them at once, each with its share of the cores (perplexity runs; step times then come from quiet runs,
 `--timing-from`), and `--seed S` draws another batch order and global RNG stream for all of them (the spread
 between seeds is what a difference between configurations has to beat).
+
+The command-line checks every tool here shares (positive counts, writable outputs) live here too: a bad flag is a
+usage error before any model loads, not a traceback minutes later.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,21 +244,23 @@ def threads_per_job(jobs: int) -> int | None:
 
 
 def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Result]:
-    """Every configuration of args.configs, `args.jobs` processes at a time, in args.configs' order."""
+    """Every configuration of args.configs, `args.jobs` processes at a time, in args.configs' order; a configuration
+    whose process failed has no result (its error is printed)."""
     args.out.mkdir(parents=True, exist_ok=True)
     wanted_settings = _settings(args.timing_steps, args.eval_blocks, args.batch_size, args.block_len, args.warmup,
                                 args.decay, args.seed)
-    data: dict[str, dict | None] = {}
+    done: dict[str, Result | None] = {}
     to_run = []
     for config in args.configs:
         steps = args.steps if config in bench.trained else 0
         json_path = args.out / f"{config}.json"
         if args.reuse and json_path.exists():
-            data[config] = _reused(json_path, {"steps": steps, **wanted_settings})
-            console.print(f"{config}: reused {json_path}" + ("" if "settings" in data[config] else
-                                                              " (it records steps only)"))
-        else:
-            to_run.append((config, steps, json_path))
+            done[config], why_not = reusable(json_path, {"steps": steps, **wanted_settings})
+            if done[config] is not None:
+                console.print(f"{config}: reused {json_path}")
+                continue
+            console.print(f"{config}: running it again: {why_not}")
+        to_run.append((config, steps, json_path))
     threads = threads_per_job(args.jobs)
     running: set[str] = set()
     with console.status("") as status, ThreadPoolExecutor(max(1, args.jobs)) as pool:
@@ -262,46 +268,80 @@ def run_all(bench: Bench, args: argparse.Namespace, console: Console) -> list[Re
             label = f"{config}: {steps} steps"
             running.add(label)
             status.update(f"in their own processes: {', '.join(sorted(running))}")
-            data[config] = run_in_subprocess(bench.script, ["--run", config, *_shared_flags(args)], json_path, label,
-                                             console, threads, show_status=False)
+            data = run_in_subprocess(bench.script, ["--run", config, *_shared_flags(args)], json_path, label,
+                                     console, threads, show_status=False)
             running.discard(label)
-            if data[config] is not None:
-                console.print(f"{config}: done ({_summary(Result(**data[config]))})")
+            done[config] = Result(**data) if data is not None else None
+            if done[config] is not None:
+                console.print(f"{config}: done ({_summary(done[config])})")
 
         for future in [pool.submit(run_one, *job) for job in to_run]:
             future.result()
-    results = []
-    for config in args.configs:
-        if data.get(config) is not None:
-            result = Result(**data[config])
-            if args.timing_from is not None:
-                _take_timing(result, args.timing_from / f"{config}.json", args)
-            results.append(result)
+    results = [done[config] for config in args.configs if done.get(config) is not None]
+    if args.timing_from is not None:
+        for result in results:
+            if note := _take_timing(result, args.timing_from / f"{result.config}.json", args):
+                console.print(f"{result.config}: {note}")
     return results
 
 
-def _reused(json_path: Path, wanted: dict[str, int | str]) -> dict:
-    """A configuration's earlier result, refused when it ran with other flags."""
-    data = json.loads(json_path.read_text())
-    ran = {"steps": data["steps"], **data.get("settings", {})}
+class UnreadableResult(Exception):
+    """A stored result that cannot be read back: its message names the file and what is wrong with it."""
+
+
+def load_result(path: Path) -> Result:
+    """The Result a configuration's process wrote to `path`, or UnreadableResult naming the file and why not
+    (a truncated write, an empty object, keys of another version of Result)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableResult(f"{path} is unreadable ({error})") from error
+    try:
+        result = Result(**data)
+    except TypeError as error:  # not a JSON object, or a key Result lacks or has no default for
+        raise UnreadableResult(f"{path} is not a result ({error})") from error
+    if not isinstance(result.steps, int) or not isinstance(result.settings, dict):  # what --reuse compares
+        raise UnreadableResult(f"{path} is not a result (steps {result.steps!r}, settings {result.settings!r})")
+    return result
+
+
+def reusable(json_path: Path, wanted: Mapping[str, int | str]) -> tuple[Result | None, str]:
+    """(the earlier result, "") when --reuse may take it, else (None, why it must run again): unreadable, or made
+    before a flag this run sets existed (its value then is unknown). A result made with another value of a flag
+    stops the command instead: it is a measurement a rerun would overwrite."""
+    try:
+        stored = load_result(json_path)
+    except UnreadableResult as error:
+        return None, str(error)
+    ran = {"steps": stored.steps, **stored.settings}
     differ = [f"{k} {ran[k]}, not {v}" for k, v in wanted.items() if k in ran and ran[k] != v]
     if differ:
         raise SystemExit(f"--reuse: {json_path} ran with other flags ({'; '.join(differ)}); "
                          "delete it, run with its flags, or drop --reuse")
-    return data
+    unrecorded = [k for k in wanted if k not in ran]
+    if unrecorded:
+        return None, f"{json_path} records no {', '.join(unrecorded)} (made before those flags existed)"
+    return stored, ""
 
 
-def _take_timing(result: Result, path: Path, args: argparse.Namespace) -> None:
+def _take_timing(result: Result, path: Path, args: argparse.Namespace) -> str:
     """Memory, peak RSS and step time from a short run made apart (on a quiet machine), when there is one:
-    long runs for perplexity can then share the cores without spoiling the timings."""
-    if not path.exists() or not result.steps:
-        return
-    timing = Result(**json.loads(path.read_text()))
+    long runs for perplexity can then share the cores without spoiling the timings. Returns "" when taken
+    (or not wanted: an untrained configuration has no step), else why this run's own figures stay."""
+    if not result.steps:
+        return ""
+    if not path.exists():
+        return f"no {path}: memory, peak RSS and step time are this run's"
+    try:
+        timing = load_result(path)
+    except UnreadableResult as error:
+        return f"{error}: memory, peak RSS and step time are this run's"
     shape = {k: timing.settings.get(k) for k in ("batch_size", "block_len")}
     if shape != {"batch_size": args.batch_size, "block_len": args.block_len}:
         raise SystemExit(f"--timing-from: {path} ran with {shape}, not batch {args.batch_size} x {args.block_len}")
     result.memory, result.peak_rss, result.step_seconds = timing.memory, timing.peak_rss, timing.step_seconds
     result.timing_from = str(path)
+    return ""
 
 
 def _settings(timing_steps: int, eval_blocks: int, batch_size: int, block_len: int, warmup: int = 0,
@@ -437,34 +477,122 @@ def loss_curves(curves: Mapping[str, list[float]], path: Path, window: int = 10)
 # --- the command line ------------------------------------------------------------------------------------
 
 
+def int_at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`, else a usage error (exit 2) naming the bound and `why`.
+    A count of 0 or below otherwise fails late and elsewhere (a median of no timed steps, an empty table)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{f' ({why})' if why else ''}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+# the next-token loss of a block of one token has no target: it is NaN, and training stops on it
+sequence_length = int_at_least(2, "one token leaves nothing to predict")
+# a batch size or length of a tool whose first batch is also its capture example: capture refuses a batch or
+# sequence of 1, which the graph would otherwise take as a constant
+capture_example_size = int_at_least(2, "the first batch is the example the model is captured with, which needs 2 "
+                                       "rows and 2 tokens")
+
+
+def earlier_runs_dir(text: str) -> Path:
+    """An argparse type: the directory of earlier runs' CONFIG.json files, which must exist: a mistyped one would
+    otherwise be read as holding none, without a word."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}; "
+                                         "give the directory the earlier runs wrote their CONFIG.json files to")
+    return path
+
+
+def plan_name(text: str) -> str:
+    """An argparse type: a plan transform knows, checked before any model loads (the loading takes seconds to
+    minutes; the name, none)."""
+    from qgraph.api import resolve_transform
+    from qgraph.errors import PlanError
+
+    try:
+        resolve_transform(text, {})
+    except PlanError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def check_writable(parser: argparse.ArgumentParser, path: Path, flag: str, directory: bool = True) -> None:
+    """A usage error (exit 2) unless `path` can be written (as a directory, or a file): checked when the flags are
+    read, not when the results are, after the runs that made them."""
+    from qgraph.errors import QGraphError
+    from qgraph.paths import check_output_dir, check_output_file
+
+    try:
+        (check_output_dir if directory else check_output_file)(path, flag)
+    except QGraphError as error:
+        parser.error(str(error))
+
+
+def write_json(path: Path, data: object) -> None:
+    """`data` as JSON at `path`, whole or not at all: written to a temporary file beside it, then moved over it,
+    so a run killed mid-write never leaves a truncated file for --reuse to find."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # check_writable lets a new directory through
+    temporary = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                            delete=False)
+    try:
+        with temporary:
+            json.dump(data, temporary, indent=2)
+        os.replace(temporary.name, path)
+    except BaseException:
+        Path(temporary.name).unlink(missing_ok=True)
+        raise
+
+
+def exit_if_failed(wanted: Sequence[str], ran: Collection[str], out: Path) -> None:
+    """Exit non-zero naming the configurations of `wanted` that have no result (their process failed; each error
+    is printed above it): a table that lacks rows must not pass for a finished benchmark. The results of `ran` were
+    written to `out`; when there are none, nothing was, and `out` keeps its earlier results."""
+    failed = [config for config in wanted if config not in ran]
+    if not failed:
+        return
+    outcome = (f"the other {len(wanted) - len(failed)} written to {out}/" if ran
+               else f"nothing written: {out}/ keeps its earlier results")
+    raise SystemExit(f"{len(failed)} of {len(wanted)} configurations failed: {', '.join(failed)} (errors above); "
+                     f"{outcome}")
+
+
 def main(bench: Bench, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=bench.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", choices=bench.configs, help="run one configuration in this process")
     parser.add_argument("--json", type=Path, help="with --run: where to write its result")
     parser.add_argument("--configs", nargs="+", default=list(bench.default_configs or bench.configs),
                         choices=bench.configs)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--timing-steps", type=int, default=3)
-    parser.add_argument("--eval-blocks", type=int, default=56, help="held-out blocks (56 is the whole split)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--block-len", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=0,
+    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument("--timing-steps", type=positive_int, default=3)
+    parser.add_argument("--eval-blocks", type=positive_int, default=56, help="held-out blocks (56 is the whole split)")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--block-len", type=sequence_length, default=256)
+    parser.add_argument("--warmup", type=int_at_least(0), default=0,
                         help="steps of linear learning-rate warmup (every configuration)")
     parser.add_argument("--decay", choices=DECAYS, default="constant",
                         help="the learning rate after warmup: constant, or a cosine down to 0 at the last step")
     parser.add_argument("--seed", type=int, default=SEED,
                         help="the batches' order and torch's global RNG (every configuration): runs at several seeds "
                              "give the spread a difference between configurations must beat")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=positive_int, default=1,
                         help="configurations run at once, each in its own process with its share of the cores "
                              "(perplexity runs side by side; take step times from quiet runs, --timing-from)")
     parser.add_argument("--out", type=Path, default=bench.default_out)
-    parser.add_argument("--timing-from", type=Path, metavar="DIR",
+    parser.add_argument("--timing-from", type=earlier_runs_dir, metavar="DIR",
                         help="take memory, peak RSS and step time from DIR/CONFIG.json (short runs made on a quiet "
                              "machine) and perplexity from this run")
     parser.add_argument("--reuse", action="store_true",
                         help="load a configuration's result from OUT/CONFIG.json when it exists (a long run "
-                             "resumed, or configurations run apart with --run); it fails on one run with other flags")
+                             "resumed, or configurations run apart with --run); it fails on one run with other flags, "
+                             "and runs again one that is unreadable or records fewer flags")
     if bench.pte is not None:
         parser.add_argument("--pte", action="store_true",
                             help="also write each deployed form that has one as OUT/CONFIG.pte (ExecuTorch) and "
@@ -474,22 +602,24 @@ def main(bench: Bench, argv: list[str] | None = None) -> None:
     if args.steps < MEMORY_STEPS + args.timing_steps:
         parser.error(f"--steps must be at least {MEMORY_STEPS + args.timing_steps} "
                      f"({MEMORY_STEPS} measured for memory, then the timed ones)")
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.run:
         if args.json is None:
             parser.error("--run needs --json FILE (where to write the result)")
+        check_writable(parser, args.json, "--json", directory=False)
         pte_path = args.json.with_suffix(".pte") if getattr(args, "pte", False) else None
         result = run_config(bench, args.run, args.steps, args.timing_steps, args.eval_blocks, args.batch_size,
                             args.block_len, pte_path, warmup=args.warmup, decay=args.decay, seed=args.seed)
-        args.json.write_text(json.dumps(asdict(result), indent=2))
+        write_json(args.json, asdict(result))
         return
+    check_writable(parser, args.out, "--out")
     console = Console()
     results = run_all(bench, args, console)
-    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    table = markdown_table(results, bench.peer, bench.peer_label, bench.pairs)
-    (args.out / "results.md").write_text(table)
-    chart(results, args.out / "memory_time.png")
-    loss_curves({r.config: r.losses for r in results if r.losses}, args.out / "losses.png")
-    console.print(table)
-    console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png, losses.png)")
+    if results:  # none: the earlier results.* stay as they were
+        write_json(args.out / "results.json", [asdict(r) for r in results])
+        table = markdown_table(results, bench.peer, bench.peer_label, bench.pairs)
+        (args.out / "results.md").write_text(table)
+        chart(results, args.out / "memory_time.png")
+        loss_curves({r.config: r.losses for r in results if r.losses}, args.out / "losses.png")
+        console.print(table)
+        console.print(f"written to {args.out}/ (results.json, results.md, memory_time.png, losses.png)")
+    exit_if_failed(args.configs, {r.config for r in results}, args.out)

@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,8 +46,13 @@ from rich.console import Console
 from torch import nn
 
 import qgraph
-from qgraph.models import tiny_causal_lm
+from qgraph.errors import closest_first
+from qgraph.models import MODEL_SPECS, TINY_SPECS, resolve_model, tiny_causal_lm
 from qgraph.train import default_optimizer, train_causal_lm
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchlib, a sibling, also when the tests load this file by path
+
+from benchlib import check_writable, plan_name, positive_int, sequence_length  # noqa: E402
 
 STRATEGIES = ("none", "ddp", "fsdp2")
 TINY_MODEL = "tiny-llama"
@@ -83,12 +89,23 @@ class TrainResult:
         return dict(self.__dict__)
 
 
+def model_spec(text: str) -> str:
+    """An argparse type: a model the qgraph CLI takes (qgraph.models.resolve_model: smollm2, tiny-<family>, or a
+    local Hugging Face model directory), checked before any loading: any other name would go to the Hugging Face
+    hub, and fail there after its timeouts."""
+    if text in MODEL_SPECS or Path(text).expanduser().is_dir():
+        return text
+    choices = ", ".join(closest_first(text, MODEL_SPECS))
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose one of {choices}, or give the path of a local "
+                                     "Hugging Face model directory")
+
+
 def build_model(model: str, seed: int) -> nn.Module:
-    """The tiny seeded Llama of the tests, or a Hugging Face checkpoint directory."""
-    if model == TINY_MODEL:
-        return tiny_causal_lm("llama", layers=2, hidden=64, vocab=256, seed=seed)
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    """A tiny model seeded with `seed` (the tests' tiny Llama by default), or what resolve_model gives for
+    smollm2 or a checkpoint directory."""
+    if model in TINY_SPECS:  # resolve_model's tiny models are seed 0; here every seed draws its own
+        return tiny_causal_lm(TINY_SPECS[model], layers=2, hidden=64, vocab=256, seed=seed)
+    return resolve_model(model)[0]
 
 
 def global_batches(steps: int, global_batch: int, seq_len: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -247,14 +264,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strategy", nargs="+", choices=STRATEGIES, default=None,
                         help="one or more, run in turn on a fresh copy of the model (default: ddp when "
                              "launched on several processes, none on one)")
-    parser.add_argument("--model", default=TINY_MODEL, help=f"{TINY_MODEL} or a Hugging Face checkpoint directory")
-    parser.add_argument("--plan", default="lrqat-w4")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--global-batch", type=int, default=4, help="rows per step over all ranks together")
-    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--model", type=model_spec, default=TINY_MODEL,
+                        help=f"{', '.join(MODEL_SPECS)} (as the qgraph CLI takes them; {TINY_MODEL} by default), "
+                             "or a local Hugging Face model directory")
+    parser.add_argument("--plan", type=plan_name, default="lrqat-w4")
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--global-batch", type=positive_int, default=4, help="rows per step over all ranks together")
+    parser.add_argument("--seq-len", type=sequence_length, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="directory for <strategy>.pt, written by rank 0")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is not None:
+        check_writable(parser, args.out, "--out")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
