@@ -14,7 +14,7 @@ from torch import nn
 from qgraph.capture import capture, capture_info, made_by_qgraph
 from qgraph.cast import CastModel, cast_copy, cast_summary, check_dtype, slow_dtype_warning
 from qgraph.compile import compile_mode
-from qgraph.decode import decode_recipe
+from qgraph.decode import decode_recipe, kv_cache_unsupported
 from qgraph.errors import PlanError, QGraphError, unknown_name_message
 from qgraph.graph import LINEAR_FORMS, linear_sites, matches_any
 from qgraph.inputs import check_model
@@ -88,7 +88,10 @@ def transform(
 
     info = capture_info(gm)
     decode = None
-    if kv_cache and info.is_causal_lm:
+    no_cache_because = kv_cache_unsupported(info.config) if info.is_causal_lm else None
+    if kv_cache and no_cache_because is not None:  # reported, not silent: generate still works, uncached
+        report.decoding = f"no KV cache ({no_cache_because}): generate recomputes the whole sequence per token"
+    elif kv_cache and info.is_causal_lm:
         decode = decode_recipe(cast.model, steps, context.made, max_seq_len=info.max_seq_len, skip=skip)
         report.decoding = ("KV cache: a decode graph is captured at the first generate and rewritten by the same "
                            "passes, sharing the training graph's tensors")

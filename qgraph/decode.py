@@ -331,6 +331,30 @@ class DecodeRecipe:
         return dataclasses.replace(self, steps=(*self.steps, step), made={**self.made, **stand_ins(made)})
 
 
+# rotary embeddings that rewrite their inv_freq buffer in place as a call's length crosses a threshold
+# (transformers' longrope_frequency_update): the decode graph is captured from a stand-in whose buffers are
+# zero-stride views, which cannot be written ("dynamic" rope does the same, and transform refuses it at capture)
+IN_PLACE_ROPE_TYPES = ("longrope",)
+
+
+def rope_type(config: Any) -> str:
+    """A Hugging Face config's rotary embedding type ("default" where it names none)."""
+    for name in ("rope_parameters", "rope_scaling"):  # transformers 5, then 4
+        params = getattr(config, name, None)
+        if isinstance(params, dict) and isinstance(params.get("rope_type", params.get("type")), str):
+            return params.get("rope_type", params.get("type"))
+    return "default"
+
+
+def kv_cache_unsupported(config: Any) -> str | None:
+    """Why a causal LM of this config gets no KV-cached decode graph, or None."""
+    kind = rope_type(config)
+    if kind in IN_PLACE_ROPE_TYPES:
+        return (f"{kind} rotary embeddings rewrite their frequencies in place as the length grows, which a decode graph "
+                "captured once cannot follow")
+    return None
+
+
 def decode_recipe(model: nn.Module, steps: Sequence[tuple[Any, Any]], made: dict[Any, Any], *, max_seq_len: int,
                   skip: Sequence[str] = ()) -> DecodeRecipe:
     return DecodeRecipe(stand_in_model(model), tuple(steps), stand_ins(made), max_seq_len, tuple(skip))

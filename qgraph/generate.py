@@ -52,7 +52,7 @@ def generate(
     (qgraph.ops.fused_inference: bitsandbytes' for NF4, as transformers + bitsandbytes' `generate` runs it;
     torch's int4 packed matmul for finalized layers); False decodes each weight to float32 as training does.
     """
-    _check_arguments(model, input_ids, attention_mask, max_new_tokens, temperature, top_k)
+    _check_arguments(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k)
     eos = _token_ids("eos_token_id", eos_token_id, model, input_ids.device)
     pad = _pad_id(pad_token_id, eos, model) if len(eos) else None  # without eos no row is ever padded
     if attention_mask is None:
@@ -135,7 +135,7 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None
 
 
 def _check_arguments(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
-                     temperature: float, top_k: int | None) -> None:
+                     do_sample: bool, temperature: float, top_k: int | None) -> None:
     require_causal_lm = getattr(model, "require_causal_lm", None)
     if require_causal_lm is not None:
         require_causal_lm("generate needs")
@@ -158,8 +158,8 @@ def _check_arguments(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
                           f"{limit} positions the model was captured with; shorten the prompt or generate fewer")
     if isinstance(temperature, bool) or not isinstance(scalar(temperature), numbers.Real):
         raise TypeError(f"temperature must be a positive number, got {temperature!r}")
-    if not scalar(temperature) > 0:
-        raise QGraphError(f"temperature must be positive, got {temperature!r}")
+    if do_sample and not scalar(temperature) > 0:  # greedy reads no temperature, as in transformers
+        raise QGraphError(f"temperature must be positive, got {temperature!r} (do_sample=False for greedy)")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise TypeError(f"top_k must be a positive integer or None, got {top_k!r}")
 

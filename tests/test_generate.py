@@ -114,6 +114,9 @@ def test_errors(model_and_qst):
         qm.generate(random_ids((1, 510)), max_new_tokens=5)
     with pytest.raises(QGraphError, match="temperature must be positive"):
         qm.generate(random_ids((1, 4)), max_new_tokens=1, do_sample=True, temperature=0)
+    # greedy reads no temperature: 0 (a common way to say "greedy") is taken, as transformers takes it
+    assert torch.equal(qm.generate(random_ids((1, 4)), max_new_tokens=2, temperature=0),
+                       qm.generate(random_ids((1, 4)), max_new_tokens=2))
     classifier = qgraph.transform(tiny_sequence_classifier("llama", layers=1), "nf4")
     with pytest.raises(QGraphError, match="generate needs a causal language model; this one is a LlamaForSequence"):
         classifier.generate(random_ids((1, 4)), max_new_tokens=1)
@@ -232,3 +235,22 @@ def test_a_prompt_row_ending_in_padding_warns_as_transformers_does(nf4_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(nf4_llama, ids, max_new_tokens=1, attention_mask=right.flip(1))  # left padding: no warning
+
+
+def test_longrope_models_generate_uncached_and_the_report_says_why(tmp_path):
+    head_dim = 16
+    model = tiny_causal_lm("phi3", layers=1, original_max_position_embeddings=32, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * (head_dim // 2),
+        "long_factor": [4.0] * (head_dim // 2)})
+    qm = qgraph.transform(model, "nf4")
+    # its frequencies switch in place past 32 tokens: a decode graph captured from a stand-in failed with a raw
+    # "more than one element of the written-to tensor refers to a single memory location"
+    assert qm.report.decoding.startswith("no KV cache (longrope rotary embeddings rewrite their frequencies")
+    ids = random_ids((2, 30), seed=1)
+    tokens = qm.generate(ids, max_new_tokens=4)  # across the 32-token switch
+    with torch.no_grad():
+        for _ in range(4):
+            ids = torch.cat([ids, qm(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, ids)
+    with pytest.raises(qgraph.ExportError, match=r"lacks: no KV cache \(longrope"):
+        qgraph.export(qgraph.finalize(qm), tmp_path / "m.pt2", decode=True)

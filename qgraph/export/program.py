@@ -82,7 +82,7 @@ def fp32_bytes(module: QGraphModule) -> int:
 def decode_unsupported(module: QGraphModule) -> str | None:
     """Why `module` has no exportable KV-cache signature (a target's decode=True), or None."""
     if module.decode_graph is None:
-        return "decode=True needs the module's KV-cached decode graph, which this one lacks; transform with kv_cache=True"
+        return f"decode=True needs the module's KV-cached decode graph, which this one lacks: {module.report.decoding}"
     if any(cache.dtype == torch.bfloat16 for cache in module.decode_graph.caches):
         # the file itself could be written, but an artifact counts only once its runtime has run it
         return ("decode=True with a bfloat16 KV cache: the runners' greedy loop carries the cache as numpy arrays, "
