@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from qgraph.capture import MAX_BATCH
-from qgraph.decode import DECODE_ARGUMENTS
+from qgraph.decode import DECODE_ARGUMENTS, kv_cache_unsupported
 from qgraph.errors import ExportError
 from qgraph.finalize import FOLD_PASS, finalize
 from qgraph.module import QGraphModule
@@ -82,7 +82,10 @@ def fp32_bytes(module: QGraphModule) -> int:
 def decode_unsupported(module: QGraphModule) -> str | None:
     """Why `module` has no exportable KV-cache signature (a target's decode=True), or None."""
     if module.decode_graph is None:
-        return f"decode=True needs the module's KV-cached decode graph, which this one lacks: {module.report.decoding}"
+        why = kv_cache_unsupported(module.info.config) if module.info.is_causal_lm else None
+        if why is not None:
+            return f"decode=True needs a KV-cached decode graph, which this model cannot have: {why}"
+        return "decode=True needs the module's KV-cached decode graph, which this one lacks; transform with kv_cache=True"
     if any(cache.dtype == torch.bfloat16 for cache in module.decode_graph.caches):
         # the file itself could be written, but an artifact counts only once its runtime has run it
         return ("decode=True with a bfloat16 KV cache: the runners' greedy loop carries the cache as numpy arrays, "
