@@ -157,6 +157,12 @@ def _hf_example_kwargs(config: Any, example_inputs: tuple | dict | None) -> dict
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=generator)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    return example_kwargs(example_inputs)
+
+
+def example_kwargs(example_inputs: Any) -> dict[str, torch.Tensor]:
+    """A Hugging Face model's example inputs by name, checked, in the dtypes the graph is captured with: what
+    capture and qgraph.export take (a dict or BatchEncoding, the ids alone, or (input_ids, attention_mask))."""
     kwargs = _example_kwargs(example_inputs)
     if "input_ids" not in kwargs:
         raise CaptureError("example_inputs for a Hugging Face model need 'input_ids'")
@@ -173,8 +179,8 @@ def _hf_example_kwargs(config: Any, example_inputs: tuple | dict | None) -> dict
             raise CaptureError(f"example {name} must be a tensor of integers (token ids; 1/0 for the mask), got {what}")
     if kwargs["input_ids"].dim() != 2 or min(kwargs["input_ids"].shape) < 2:
         raise CaptureError(
-            "example input_ids must be (batch, seq) with batch and sequence length >= 2 so the captured graph stays "
-            f"dynamic in both; got shape {tuple(kwargs['input_ids'].shape)}"
+            "example input_ids must be (batch, seq) with batch and sequence length >= 2 so the graph stays dynamic "
+            f"in both (torch.export takes a size of 1 as a constant); got shape {tuple(kwargs['input_ids'].shape)}"
         )
     # the graph is captured with int64 ids and mask, the dtypes every call then passes (forward casts a bool or
     # int32 mask to int64 too): an example in other integer dtypes would capture a graph no call matches

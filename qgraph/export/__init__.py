@@ -26,6 +26,7 @@ from typing import Any, get_args, get_type_hints
 import torch
 from rich.console import Console
 
+from qgraph.capture import example_kwargs
 from qgraph.errors import ExportError, unknown_name_message
 from qgraph.export.check import (CheckCase, check_cases, compare, reference_logits, rounding_floor,
                                  run_in_runtime)
@@ -232,15 +233,11 @@ def export_report(module: QGraphModule, path: str | os.PathLike, *, format: str 
 
 
 def _example_inputs(module: QGraphModule, example_inputs: Any) -> dict[str, torch.Tensor]:
+    """The module's own examples, or the caller's checked as capture checks them (batch and length >= 2, integer
+    dtypes taken as int64): a batch-1 example or an int32 mask failed inside torch.export or ONNX's exporter."""
     if example_inputs is None:
         return {name: module.info.example_inputs[name] for name in ("input_ids", "attention_mask")}
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = {"input_ids": example_inputs}
-    if not isinstance(example_inputs, dict) or "input_ids" not in example_inputs:
-        raise ExportError("example_inputs takes input_ids (a tensor) or a dict with input_ids and, optionally, "
-                          "attention_mask")
-    input_ids = example_inputs["input_ids"]
-    return {"input_ids": input_ids, "attention_mask": example_inputs.get("attention_mask", torch.ones_like(input_ids))}
+    return example_kwargs(example_inputs)
 
 
 class _CallableModule(types.ModuleType):

@@ -263,3 +263,21 @@ def test_a_bfloat16_module_is_refused_where_its_runtime_cannot_run_it(tmp_path):
     assert not any(tmp_path.iterdir())
     report = qgraph.export.export_report(fin, tmp_path / "model.pt2", console=Console(quiet=True))  # the logits program runs
     assert report.parity.top1_agreement == 1.0
+
+
+def test_example_inputs_are_checked_and_cast_as_capture_takes_them(lrqat_module, tmp_path, monkeypatch):
+    from qgraph.errors import CaptureError
+
+    # a batch-1 example failed inside torch.export ("Constraints violated (batch)")
+    with pytest.raises(CaptureError, match=r"batch and sequence length >= 2 .* got shape \(1, 6\)"):
+        qgraph.export(lrqat_module, tmp_path / "m.pt2", example_inputs=torch.ones(1, 6, dtype=torch.long))
+    with pytest.raises(CaptureError, match="example attention_mask must be a tensor of integers"):
+        qgraph.export(lrqat_module, tmp_path / "m.pt2", example_inputs={"input_ids": torch.ones(2, 6, dtype=torch.long),
+                                                                         "attention_mask": torch.ones(2, 6)})
+    assert not any(tmp_path.iterdir())
+    # an int32 or bool mask (the module takes both) is the int64 mask the program is exported with; it failed
+    # with "Tensor dtype mismatch"
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    report = qgraph.export.export_report(lrqat_module, tmp_path / "m.pt2", console=Console(quiet=True),
+                                         example_inputs=(ids, torch.ones(2, 6, dtype=torch.bool)))
+    assert report.parity.top1_agreement == 1.0
