@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from collections.abc import Sequence
@@ -108,8 +109,9 @@ def transform(
     return wrap_graph_module(gm, report, plan, info, compile=compile, decode_recipe=decode)  # info as the passes left it
 
 
-# transform's own keywords, as against the passes' options
-TRANSFORM_KEYWORDS = ("example_inputs", "compile", "checkpoint", "skip", "print_after", "console", "kv_cache", "dtype")
+# transform's own keywords, as against the passes' options (**options)
+TRANSFORM_KEYWORDS = tuple(name for name, parameter in inspect.signature(transform).parameters.items()
+                           if parameter.kind is parameter.KEYWORD_ONLY)
 
 
 def check_transform_call(plan: str | Plan, options: dict[str, Any], *, checkpoint: Any = None, skip: Any = (),

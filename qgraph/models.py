@@ -319,15 +319,22 @@ def resolve_model(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase |
     "smollm2", "tiny-<family>" (random, no tokenizer), or the path of a local Hugging Face model
     directory.
     """
+    check_model_spec(spec)
     if spec == "smollm2":
         return load_smollm2()
     if spec in TINY_SPECS:
         return tiny_causal_lm(TINY_SPECS[spec]), None
     directory = Path(spec).expanduser()
-    if directory.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory) if _has_tokenizer(directory) else None
-        return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory) if _has_tokenizer(directory) else None
+    return model, tokenizer
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise unless resolve_model takes `spec` (a built-in name or an existing directory), loading nothing: any
+    other name would go to the Hugging Face hub elsewhere, and fail there after its timeouts."""
+    if spec in MODEL_SPECS or Path(spec).expanduser().is_dir():
+        return
     raise ValueError(
         f"unknown model {spec!r}; choose one of {', '.join(closest_first(spec, MODEL_SPECS))}, "
         f"or give the path of a local Hugging Face model directory"

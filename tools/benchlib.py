@@ -514,11 +514,11 @@ def earlier_runs_dir(text: str) -> Path:
 def plan_name(text: str) -> str:
     """An argparse type: a plan transform knows, checked before any model loads (the loading takes seconds to
     minutes; the name, none)."""
-    from qgraph.api import resolve_transform
     from qgraph.errors import PlanError
+    from qgraph.plans import get_plan
 
     try:
-        resolve_transform(text, {})
+        get_plan(text)
     except PlanError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text

@@ -46,8 +46,7 @@ from rich.console import Console
 from torch import nn
 
 import qgraph
-from qgraph.errors import closest_first
-from qgraph.models import MODEL_SPECS, TINY_SPECS, resolve_model, tiny_causal_lm
+from qgraph.models import MODEL_SPECS, TINY_SPECS, check_model_spec, resolve_model, tiny_causal_lm
 from qgraph.train import default_optimizer, train_causal_lm
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchlib, a sibling, also when the tests load this file by path
@@ -90,14 +89,12 @@ class TrainResult:
 
 
 def model_spec(text: str) -> str:
-    """An argparse type: a model the qgraph CLI takes (qgraph.models.resolve_model: smollm2, tiny-<family>, or a
-    local Hugging Face model directory), checked before any loading: any other name would go to the Hugging Face
-    hub, and fail there after its timeouts."""
-    if text in MODEL_SPECS or Path(text).expanduser().is_dir():
-        return text
-    choices = ", ".join(closest_first(text, MODEL_SPECS))
-    raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose one of {choices}, or give the path of a local "
-                                     "Hugging Face model directory")
+    """An argparse type: a model the qgraph CLI takes (qgraph.models.resolve_model), checked before any loading."""
+    try:
+        check_model_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def build_model(model: str, seed: int) -> nn.Module:
